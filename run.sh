@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# AlignFuse launcher.
+#   bash run.sh setup              create .venv and install everything (idempotent; a second call takes seconds)
+#   bash run.sh test [pytest args] setup, then the test suite
+#   bash run.sh demo               setup, then the CPU demo (synthetic data, tiny model, minutes)
+#   bash run.sh <Task> [args...]   launch <Task>.py through torchrun, e.g. bash run.sh Pretrain --config configs/Pretrain.yaml
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE (defaults: 1 node, one process per
+# local GPU, one process on a CPU-only machine). Example: NNODES=4 NODE_RANK=0 MASTER_ADDR=10.1.1.1 bash run.sh Pretrain ...
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="${ALIGNFUSE_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+setup() {
+  # The stamp holds a hash of what we install: unchanged -> nothing to do.
+  local want stamp="$VENV/.alignfuse-installed"
+  want="$(cat pyproject.toml run.sh | sha256sum | cut -d' ' -f1)"
+  if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  echo "[run.sh] installing into $VENV (first time: several minutes)"
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip setuptools wheel
+  # torch first, from the registry (the floor keeps pip off the local CPU-only 2.13.0 wheel; see DESIGN.md).
+  "$PY" -m pip install -q "torch>=2.5,!=2.13.0" torchvision
+  "$PY" -m pip install -q -e ".[test]"
+  # DeepSpeed's setup imports torch, so it builds against the torch installed above; ops are JIT-built when used.
+  if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+    DS_BUILD_OPS=0 "$PY" -m pip install -q --no-build-isolation deepspeed
+  fi
+  "$PY" -c "import torch, torchvision, timm, transformers, cv2, deepspeed; print('[run.sh] torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
+  echo "$want" > "$stamp"
+}
+
+launch() {
+  local task="$1"; shift
+  [ -f "$ROOT/$task.py" ] || { echo "run.sh: no task script $task.py (tasks: $(ls "$ROOT" | sed -n 's/^\([A-Z][A-Za-z_]*\)\.py$/\1/p' | tr '\n' ' '))" >&2; exit 2; }
+  local ngpu
+  ngpu="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+  local nproc="${NPROC_PER_NODE:-$([ "$ngpu" -gt 0 ] && echo "$ngpu" || echo 1)}"
+  exec "$VENV/bin/torchrun" \
+    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$nproc" \
+    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
+    ${MAX_RESTARTS:+--max-restarts="$MAX_RESTARTS"} \
+    "$ROOT/$task.py" "$@"
+}
+
+verb="${1:-help}"; [ $# -gt 0 ] && shift
+case "$verb" in
+  setup) setup ;;
+  test)
+    setup
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    exec "$PY" -m pytest -q "$@" ;;
+  demo)
+    setup
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    exec "$PY" demo.py "$@" ;;
+  help|-h|--help) sed -n '2,9p' "$0" ;;
+  *) setup; launch "$verb" "$@" ;;
+esac
