@@ -40,6 +40,15 @@ def reference_dir() -> Path:
     return path
 
 
+_NOT_FLATTENED = {"state_dict", "config", "bert_config", "size", "env"}
+
+
 def load_reference(reference_dir: Path, name: str) -> dict:
-    """Load one reference file (e.g. 'pretrain_micro.pt') safely."""
-    return torch.load(reference_dir / name, map_location="cpu", weights_only=True)
+    """Load one reference file (e.g. 'pretrain_micro.pt') safely. Nested groups are also reachable by the dotted
+    names the fixture README uses ('outputs.image_embeds', 'losses_eval_injected.grads', ...)."""
+    data = torch.load(reference_dir / name, map_location="cpu", weights_only=True)
+    flat = dict(data)
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in _NOT_FLATTENED:
+            flat.update({f"{key}.{sub}": item for sub, item in value.items()})
+    return flat

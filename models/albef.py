@@ -1,0 +1,323 @@
+"""The ALBEF base every task model builds on.
+
+It holds the image encoder (``visual_encoder``), the text / fusion encoder (``text_encoder``), and the pieces the
+tasks share: projections to ``embed_dim``, the learnable temperature, the ITM head, momentum copies updated as an
+exponential moving average with ``torch._foreach_*`` (``*_m`` modules), feature queues filled with features gathered
+from every rank, and the loss blocks (ITC with momentum-distilled soft targets, ITM with hard negatives sampled
+without a Python loop or host sync, MLM scored only at the masked positions). A task model is a short subclass that
+says which of these it has and what its forward computes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine import dist
+from models.vit import create_vit
+from models.xbert import BertConfig, BertLMHeadModel, BertModel, cat_image_kv, init_bert_weights, select_image_kv
+
+# The `model:` config block shared by every task (its one home; tasks add their own keys next to these).
+MODEL_DEFAULTS: dict[str, Any] = {
+    "bert_config": "configs/config_bert.json",  # BertConfig-style JSON with fusion_layer and encoder_width (ALBEF's)
+    "bert_overrides": {},  # open: BertConfig fields to override (tiny configs), e.g. {num_hidden_layers: 4}
+    "text_encoder": "bert-base-uncased",  # transformers weights for the text encoder in real runs; "" = random init
+    "tokenizer": "bert-base-uncased",  # hub name, or a vocab.txt path / directory (offline)
+    "vit": {  # image encoder (timm VisionTransformer)
+        "patch_size": 16,
+        "width": 768,
+        "depth": 12,
+        "heads": 12,
+        "mlp_ratio": 4.0,
+        "drop_path_rate": 0.0,
+        "pretrained": "",  # timm weights name for real runs (e.g. deit_base_patch16_224); "" = random init
+    },
+    "image_res": 256,  # input resolution in pixels
+    "embed_dim": 256,  # width of the ITC projections
+    "temp": 0.07,  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    "queue_size": 65536,  # ITC feature queue length; a multiple of the global batch keeps ALBEF's layout
+    "momentum": 0.995,  # EMA factor of the momentum encoders
+    "alpha": 0.4,  # weight of the momentum-distilled soft targets
+    "distill": True,  # momentum distillation on/off (tasks where ALBEF makes it optional)
+    "warm_up": True,  # ramp alpha from 0 over the first epoch as ALBEF does
+    "mlm_probability": 0.15,
+    "grad_checkpointing": False,  # activation checkpointing in both encoders
+}
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids the models need from the tokenizer."""
+
+    pad: int = 0
+    cls: int = 101
+    sep: int = 102
+    mask: int = 103
+    vocab_size: int = 30522
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
+        return cls(pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id,
+                   mask=tokenizer.mask_token_id, vocab_size=len(tokenizer))
+
+
+def build_bert_config(cfg: dict[str, Any], vocab_size: int | None) -> BertConfig:
+    """The BertConfig from ``cfg['bert_config']`` + ``cfg['bert_overrides']``; vocab_size follows the tokenizer."""
+    bert = BertConfig.from_json_file(cfg["bert_config"])
+    overrides = dict(cfg.get("bert_overrides") or {})
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    unknown = set(overrides) - set(BertConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"model.bert_overrides: unknown BertConfig fields {sorted(unknown)}")
+    return bert.replace(**overrides)
+
+
+def momentum_update(online: list[nn.Parameter], momentum: list[nn.Parameter], factor: float) -> None:
+    """param_m = factor * param_m + (1 - factor) * param, for all parameters at once (foreach kernels)."""
+    with torch.no_grad():
+        torch._foreach_mul_(momentum, factor)
+        torch._foreach_add_(momentum, online, alpha=1.0 - factor)
+
+
+def soft_contrastive_loss(sim: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of similarity logits (B, C) against target distributions (B, C), averaged over rows."""
+    return -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
+
+
+def sample_hard_negatives(sim: Tensor, positive: Tensor, eps: float) -> Tensor:
+    """For each row of the in-batch similarity ``sim`` (B, B), draw one column with probability softmax(sim) (+eps),
+    never a positive (``positive`` (B, B) bool). One multinomial call, no host sync. A row whose every column is
+    positive falls back to any other column."""
+    with torch.no_grad():
+        weights = F.softmax(sim.float(), dim=1) + eps
+        weights = weights.masked_fill(positive, 0.0)
+        empty = weights.sum(dim=1, keepdim=True) <= 0
+        fallback = (~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)).float()
+        weights = torch.where(empty, fallback, weights)
+        return torch.multinomial(weights, 1).squeeze(1)
+
+
+def mask_tokens(input_ids: Tensor, special: SpecialTokens, probability: float,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """BERT masking as ALBEF does it: each non-[PAD]/[CLS] token is chosen with ``probability``; of those 80% become
+    [MASK], 10% a random token, 10% stay. Returns (masked input_ids, labels with -100 where not chosen)."""
+    device = input_ids.device
+    input_ids = input_ids.clone()
+    labels = input_ids.clone()
+    chosen = torch.rand(input_ids.shape, device=device, generator=generator) < probability
+    chosen &= (input_ids != special.pad) & (input_ids != special.cls)
+    labels[~chosen] = -100
+    replaced = (torch.rand(input_ids.shape, device=device, generator=generator) < 0.8) & chosen
+    input_ids[replaced] = special.mask
+    randomised = (torch.rand(input_ids.shape, device=device, generator=generator) < 0.5) & chosen & ~replaced
+    random_words = torch.randint(special.vocab_size, input_ids.shape, device=device, generator=generator)
+    input_ids[randomised] = random_words[randomised]
+    return input_ids, labels
+
+
+class AlbefBase(nn.Module):
+    """Encoders + the shared blocks. Subclasses call ``_build_*`` for what they have and define ``forward``."""
+
+    # Pairs (online module name, momentum module name); filled by _build_momentum.
+    momentum_pairs: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, cfg: dict[str, Any], special: SpecialTokens) -> None:
+        super().__init__()
+        self.cfg = {**MODEL_DEFAULTS, **dict(cfg)}
+        self.special = special
+        self.bert_config = build_bert_config(self.cfg, special.vocab_size)
+        self.visual_encoder = create_vit(self.cfg["vit"], self.cfg["image_res"])
+        self.momentum = float(self.cfg["momentum"])
+        if self.cfg["grad_checkpointing"]:
+            self.visual_encoder.set_grad_checkpointing(True)
+
+    # ---- building blocks -------------------------------------------------------------------------------------------
+    @property
+    def vision_width(self) -> int:
+        return self.visual_encoder.embed_dim
+
+    def _new_text_encoder(self, with_mlm_head: bool, bert_config: BertConfig | None = None,
+                          causal: bool = False) -> nn.Module:
+        config = bert_config or self.bert_config
+        module = BertLMHeadModel(config, causal=causal) if with_mlm_head else BertModel(config, causal=causal)
+        init_bert_weights(module, config.initializer_range)
+        if with_mlm_head:  # re-tie after init (init replaced nothing, but keep the invariant explicit)
+            module.cls.predictions.decoder.weight = module.bert.embeddings.word_embeddings.weight
+        if self.cfg["grad_checkpointing"]:
+            (module.bert if with_mlm_head else module).encoder.gradient_checkpointing = True
+        return module
+
+    def _build_projections(self) -> None:
+        embed_dim = self.cfg["embed_dim"]
+        self.vision_proj = nn.Linear(self.vision_width, embed_dim)
+        self.text_proj = nn.Linear(self.bert_config.hidden_size, embed_dim)
+        self.temp = nn.Parameter(torch.tensor(float(self.cfg["temp"])))
+
+    def _build_momentum(self, names: list[str]) -> None:
+        """Create ``<name>_m`` frozen copies of the named modules."""
+        for name in names:
+            copy_m = copy.deepcopy(getattr(self, name))
+            for param in copy_m.parameters():
+                param.requires_grad_(False)
+            setattr(self, f"{name}_m", copy_m)
+        self.momentum_pairs = tuple((name, f"{name}_m") for name in names)
+
+    def _build_queues(self, with_idx: bool = False) -> None:
+        embed_dim, size = self.cfg["embed_dim"], self.cfg["queue_size"]
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, size), dim=0))
+        if with_idx:
+            self.register_buffer("idx_queue", torch.full((1, size), -100, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # ---- momentum and queues ---------------------------------------------------------------------------------------
+    def _momentum_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        online, momentum = [], []
+        for name, name_m in self.momentum_pairs:
+            online += list(getattr(self, name).parameters())
+            momentum += list(getattr(self, name_m).parameters())
+        return online, momentum
+
+    def copy_params_to_momentum(self) -> None:
+        """Momentum copies start equal to the online modules (after loading weights)."""
+        online, momentum = self._momentum_params()
+        with torch.no_grad():
+            torch._foreach_copy_(momentum, online)
+
+    def momentum_update(self) -> None:
+        online, momentum = self._momentum_params()
+        momentum_update(online, momentum, self.momentum)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor, idx: Tensor | None = None) -> None:
+        """Write the features of the whole global batch (gathered from every rank, in rank order) at the queue
+        pointer, wrapping around; pointer arithmetic stays on the device (no host sync)."""
+        image_feats = dist.all_gather_tensor(image_feat)  # (B_global, E)
+        text_feats = dist.all_gather_tensor(text_feat)
+        size = self.image_queue.shape[1]
+        slots = (self.queue_ptr + torch.arange(image_feats.shape[0], device=self.queue_ptr.device)) % size
+        self.image_queue.index_copy_(1, slots, image_feats.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, slots, text_feats.T.to(self.text_queue.dtype))
+        if idx is not None:
+            idxs = dist.all_gather_tensor(idx.view(-1))
+            self.idx_queue.index_copy_(1, slots, idxs.view(1, -1))
+        self.queue_ptr.copy_((self.queue_ptr + image_feats.shape[0]) % size)
+
+    # ---- the public encoding surface (every task) ------------------------------------------------------------------
+    @property
+    def text_bert(self) -> BertModel:
+        return self.text_encoder.bert if isinstance(self.text_encoder, BertLMHeadModel) else self.text_encoder
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, 1 + N, D_v) tokens after the final norm."""
+        return self.visual_encoder(image)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) ids -> (B, L, D_t) from the text-only layers."""
+        return self.text_bert(input_ids, attention_mask, mode="text")
+
+    def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor | None,
+             image_kv: list | None = None) -> Tensor:
+        """Fusion layers over text embeddings attending to the image tokens -> (B, L, D_t). ``image_kv``
+        (``text_bert.precompute_image_kv``) replaces ``image_embeds`` when the same images are fused several times."""
+        return self.text_bert(encoder_embeds=text_embeds, attention_mask=attention_mask,
+                              encoder_hidden_states=image_embeds, mode="fusion", image_kv=image_kv)
+
+    def image_feat(self, image_embeds: Tensor) -> Tensor:
+        return F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    def text_feat(self, text_embeds: Tensor) -> Tensor:
+        return F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
+
+    def clamp_temp(self) -> None:
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+    # ---- shared losses ---------------------------------------------------------------------------------------------
+    def contrastive_loss(self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor | None,
+                         text_feat_m: Tensor | None, alpha: float, idx: Tensor | None = None) -> Tensor:
+        """ITC against in-batch momentum features + the queues, with momentum-distilled soft targets.
+
+        Hard targets: the diagonal, or with ``idx`` (retrieval) every entry with the same image id (spread evenly).
+        ``image_feat_m`` / ``text_feat_m`` are the momentum features of this batch (no grad).
+        """
+        with torch.no_grad():
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)  # (E, B+Q)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            if idx is None:
+                targets = torch.zeros(image_feat.shape[0], image_feat_all.shape[1], device=image_feat.device)
+                targets.fill_diagonal_(1)
+            else:
+                idx_all = torch.cat([idx.view(1, -1), self.idx_queue.clone().detach()], dim=1)  # (1, B+Q)
+                positive = torch.eq(idx.view(-1, 1), idx_all).float()
+                targets = positive / positive.sum(dim=1, keepdim=True)
+            if alpha > 0:
+                sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+                sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+                targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * targets
+                targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets
+            else:
+                targets_i2t = targets_t2i = targets
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        return (soft_contrastive_loss(sim_i2t, targets_i2t) + soft_contrastive_loss(sim_t2i, targets_t2i)) / 2
+
+    def matching_loss(self, image_embeds: Tensor, text_embeds: Tensor, attention_mask: Tensor, image_feat: Tensor,
+                      text_feat: Tensor, idx: Tensor | None = None, neg_image_for_text: Tensor | None = None,
+                      neg_text_for_image: Tensor | None = None, image_kv: list | None = None,
+                      negative_eps: float = 1e-4) -> Tensor:
+        """ITM: the positive pairs, plus for each text a hard negative image and for each image a hard negative text,
+        drawn from the in-batch ITC similarity (never a positive: the diagonal, or the same ``idx``), in one fusion
+        pass of 3B pairs that reuses the image key/values. Negatives can be passed in (tests, parity)."""
+        batch = image_embeds.shape[0]
+        if neg_image_for_text is None or neg_text_for_image is None:
+            with torch.no_grad():
+                sim_i2t = image_feat @ text_feat.t() / self.temp  # (B, B) in-batch
+                if idx is None:
+                    positive = torch.eye(batch, dtype=torch.bool, device=image_feat.device)
+                else:
+                    positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
+                neg_image_for_text = sample_hard_negatives(sim_i2t.t(), positive, negative_eps)
+                neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps)
+        if image_kv is None:
+            image_kv = self.text_bert.precompute_image_kv(image_embeds)
+        # Order as ALBEF: positives, (text b, its negative image), (negative text, image b).
+        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_for_image]])
+        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_for_image]])
+        kv_all = cat_image_kv(image_kv, select_image_kv(image_kv, neg_image_for_text), image_kv)
+        fused = self.fuse(text_all, mask_all, None, image_kv=kv_all)
+        logits = self.itm_head(fused[:, 0, :])  # (3B, 2)
+        labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
+        return F.cross_entropy(logits, labels.to(logits.device))
+
+    def mlm_loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor, image_embeds: Tensor,
+                 image_embeds_m: Tensor | None, alpha: float, image_kv: list | None = None) -> Tensor:
+        """Masked language modelling conditioned on the image, with the momentum model's predictions as soft labels.
+        Vocabulary logits are computed only at the masked positions (the loss only reads those)."""
+        scored = labels != -100  # (B, L)
+        hidden = self.text_encoder.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds,
+                                        mode="multi_modal", image_kv=image_kv)
+        logits = self.text_encoder.cls(hidden[scored])  # (M, V)
+        targets = labels[scored]
+        loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
+        if image_embeds_m is not None and alpha > 0 and targets.numel():
+            with torch.no_grad():
+                hidden_m = self.text_encoder_m.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds_m,
+                                                    mode="multi_modal")
+                soft = F.softmax(self.text_encoder_m.cls(hidden_m[scored]), dim=-1)
+            distill = -(F.log_softmax(logits, dim=-1) * soft).sum(dim=-1).mean()
+            loss = (1 - alpha) * loss + alpha * distill
+        return loss
+
+
+def ramp_alpha(alpha: float, warm_up: bool, epoch: int, iter_in_epoch: int, iters_per_epoch: int) -> float:
+    """ALBEF's distillation warm-up: alpha grows linearly over the first epoch."""
+    if warm_up and epoch == 0 and iters_per_epoch > 0:
+        return alpha * min(1.0, iter_in_epoch / iters_per_epoch)
+    return alpha

@@ -1,0 +1,65 @@
+"""ALBEF pretraining model: ITC + ITM + MLM with momentum distillation.
+
+Official checkpoints ALBEF.pth / ALBEF_4M.pth load as they are: ``visual_encoder.*``, ``text_encoder.bert.*``,
+``text_encoder.cls.*``, ``vision_proj``, ``text_proj``, ``temp``, ``itm_head``, the ``*_m`` momentum copies,
+``image_queue``, ``text_queue``, ``queue_ptr``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.albef import AlbefBase, SpecialTokens, mask_tokens
+from models.heads import itm_head
+from models.vit import resample_pos_embed
+
+
+class AlbefPretrain(AlbefBase):
+    def __init__(self, cfg: dict[str, Any], special: SpecialTokens) -> None:
+        super().__init__(cfg, special)
+        self.text_encoder = self._new_text_encoder(with_mlm_head=True)
+        self._build_projections()
+        self.itm_head = itm_head(self.bert_config.hidden_size)
+        self._build_momentum(["visual_encoder", "vision_proj", "text_encoder", "text_proj"])
+        self._build_queues()
+        self.mlm_probability = float(self.cfg["mlm_probability"])
+
+    def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float = 0.0,
+                neg_image_for_text: Tensor | None = None, neg_text_for_image: Tensor | None = None,
+                mlm_input_ids: Tensor | None = None, mlm_labels: Tensor | None = None) -> dict[str, Tensor]:
+        """One pretraining step's losses. Negatives and MLM masks are drawn here unless passed in."""
+        self.clamp_temp()
+        image_embeds = self.encode_image(image)
+        image_feat = self.image_feat(image_embeds)
+        text_embeds = self.encode_text(input_ids, attention_mask)
+        text_feat = self.text_feat(text_embeds)
+
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m = self.visual_encoder_m(image)
+            image_feat_m = torch.nn.functional.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            text_embeds_m = self.text_encoder_m.bert(input_ids, attention_mask, mode="text")
+            text_feat_m = torch.nn.functional.normalize(self.text_proj_m(text_embeds_m[:, 0, :]), dim=-1)
+
+        loss_ita = self.contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        image_kv = self.text_bert.precompute_image_kv(image_embeds)  # shared by the ITM and MLM fusion passes
+        loss_itm = self.matching_loss(image_embeds, text_embeds, attention_mask, image_feat, text_feat,
+                                      neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image,
+                                      image_kv=image_kv)
+        if mlm_input_ids is None or mlm_labels is None:
+            mlm_input_ids, mlm_labels = mask_tokens(input_ids, self.special, self.mlm_probability)
+        loss_mlm = self.mlm_loss(mlm_input_ids, mlm_labels, attention_mask, image_embeds, image_embeds_m, alpha,
+                                 image_kv=image_kv)
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "loss_mlm": loss_mlm}
+
+    @staticmethod
+    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefPretrain) -> dict[str, Tensor]:
+        """Official pretraining checkpoints need no key surgery; only ``pos_embed`` is resampled for another
+        image_res (both encoders)."""
+        state_dict = resample_pos_embed(state_dict, model.visual_encoder, "visual_encoder.")
+        return resample_pos_embed(state_dict, model.visual_encoder_m, "visual_encoder_m.")

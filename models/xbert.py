@@ -1,0 +1,421 @@
+"""Our BERT text / fusion encoder and decoder, in ALBEF's structure and with ALBEF's state_dict key names.
+
+Why our own code instead of transformers' BertModel: ALBEF puts cross-attention to the image only in the layers from
+``fusion_layer`` up, runs the text-only layers and the fusion layers as separate calls (``mode='text'`` then
+``mode='fusion'``, the fusion call starting from the text embeddings), lets NLVR2's layer pairs attend to two images in
+turn, and shares the image key/value projections between passes. transformers' BertModel adds cross-attention to every
+layer or none and has none of these entry points. Everything else (tokenizer, BertConfig, loading bert-base-uncased
+weights) comes from transformers.
+
+Key names follow BERT / ALBEF so official checkpoints load as they are:
+``bert.embeddings.*``, ``bert.encoder.layer.{i}.attention.self.{query,key,value}``,
+``...attention.output.{dense,LayerNorm}``, ``...crossattention.*`` (fusion layers only), ``...intermediate.dense``,
+``...output.{dense,LayerNorm}``, and for the language-model head ``cls.predictions.{transform.dense,
+transform.LayerNorm,decoder,bias}`` (decoder weight tied to the word embeddings, decoder bias tied to ``bias``).
+
+Masks are ALBEF's additive masks ((1 - mask) * -10000) so that numbers match the reference; attention runs through
+``F.scaled_dot_product_attention`` unless an attention map is being captured for Grad-CAM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+MASK_VALUE = -10000.0  # ALBEF / BERT additive mask value; kept for numerical parity with official checkpoints
+
+
+@dataclass
+class BertConfig:
+    """The fields of a BERT config.json that the model uses, plus ALBEF's ``fusion_layer`` and ``encoder_width``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    fusion_layer: int = 6  # layers [0, fusion_layer) are text-only; [fusion_layer, L) add cross-attention
+    encoder_width: int = 768  # width of the image tokens the cross-attention reads
+    num_image_streams: int = 1  # 2 for NLVR2: fusion layers alternate between two images
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BertConfig:
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(**{k: v for k, v in values.items() if k in known},
+                   extra={k: v for k, v in values.items() if k not in known})
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> BertConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"BERT config file not found: {path}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> BertConfig:
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        values.update(changes)
+        return BertConfig(**values, extra=dict(self.extra))
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported hidden_act {name!r} (expected gelu, gelu_new or relu)")
+
+
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, S) 1/0 padding mask -> (B, 1, 1, S) additive mask; None when nothing is masked is not decided here."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
+
+
+def causal_additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) padding mask -> (B, 1, L, L) additive mask that also hides future positions (decoder)."""
+    length = mask.shape[1]
+    causal = torch.tril(torch.ones(length, length, device=mask.device, dtype=dtype))
+    combined = causal[None, None, :, :] * mask[:, None, None, :].to(dtype)  # (B, 1, L, L)
+    return (1.0 - combined) * MASK_VALUE
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Persistent: official checkpoints carry it.
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None, :], persistent=True)
+
+    def forward(self, input_ids: Tensor, past_length: int = 0) -> Tensor:
+        length = input_ids.shape[1]
+        position_ids = self.position_ids[:, past_length:past_length + length]
+        # Same summation order as BERT (word + token type, then position): bit-level parity with the reference.
+        embeds = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]  # token types are all 0
+        embeds = embeds + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(embeds))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention; as cross-attention its key/value read ``encoder_width``-wide image tokens."""
+
+    def __init__(self, config: BertConfig, is_cross_attention: bool) -> None:
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        kv_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        # Grad-CAM: when set, attention is computed explicitly and its probabilities (and their gradient) are kept.
+        self.save_attention = False
+        self.attention_map: Tensor | None = None
+        self.attention_grad: Tensor | None = None
+
+    def _split(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
+
+    def project_kv(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        """Key and value heads for ``states`` (B, S, D_kv) -> 2 x (B, nh, S, hd); computed once, reusable."""
+        return self._split(self.key(states)), self._split(self.value(states))
+
+    def _keep_grad(self, grad: Tensor) -> None:
+        self.attention_grad = grad
+
+    def forward(self, hidden_states: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
+                kv_states: Tensor | None = None) -> Tensor:
+        query = self._split(self.query(hidden_states))
+        if kv is None:
+            kv = self.project_kv(hidden_states if kv_states is None else kv_states)
+        key, value = kv
+        if mask is not None:
+            mask = mask.to(query.dtype)
+        if self.save_attention:
+            scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, L, S)
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.softmax(dim=-1)
+            self.attention_map = probs
+            if probs.requires_grad:
+                probs.register_hook(self._keep_grad)
+            context = F.dropout(probs, self.dropout_p, self.training) @ value
+        else:
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                     dropout_p=self.dropout_p if self.training else 0.0)
+        batch, _, length, _ = context.shape
+        return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig, is_cross_attention: bool = False) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config, is_cross_attention)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
+                kv_states: Tensor | None = None) -> Tensor:
+        return self.output(self.self(hidden_states, mask, kv, kv_states), hidden_states)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.act(self.dense(hidden_states))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig, has_cross_attention: bool) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.has_cross_attention = has_cross_attention
+        if has_cross_attention:
+            self.crossattention = BertAttention(config, is_cross_attention=True)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states: Tensor, self_mask: Tensor | None, image_states: Tensor | None = None,
+                image_mask: Tensor | None = None, image_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        hidden_states = self.attention(hidden_states, self_mask)
+        if self.has_cross_attention:
+            if image_states is None and image_kv is None:
+                raise ValueError("a fusion layer needs image states (encoder_hidden_states) or their key/values")
+            hidden_states = self.crossattention(hidden_states, image_mask, image_kv, image_states)
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+
+ImageInput = Tensor | list[Tensor] | None
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList(
+            [BertLayer(config, has_cross_attention=i >= config.fusion_layer) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def layer_range(self, mode: str) -> range:
+        if mode == "text":
+            return range(0, self.config.fusion_layer)
+        if mode == "fusion":
+            return range(self.config.fusion_layer, self.config.num_hidden_layers)
+        if mode == "multi_modal":
+            return range(0, self.config.num_hidden_layers)
+        raise ValueError(f"mode must be 'text', 'fusion' or 'multi_modal', got {mode!r}")
+
+    def forward(self, hidden_states: Tensor, self_mask: Tensor | None, mode: str, image_states: ImageInput = None,
+                image_mask: ImageInput = None, image_kv: list | None = None) -> Tensor:
+        for i in self.layer_range(mode):
+            layer = self.layer[i]
+            states = mask = kv = None
+            if layer.has_cross_attention:
+                # NLVR2: fusion layers alternate between the images of a pair ((i - fusion_layer) % streams).
+                stream = (i - self.config.fusion_layer) % self.config.num_image_streams
+                if image_kv is not None:
+                    kv = image_kv[i - self.config.fusion_layer]
+                else:
+                    states = image_states[stream] if isinstance(image_states, list | tuple) else image_states
+                mask = image_mask[stream] if isinstance(image_mask, list | tuple) else image_mask
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states = checkpoint(layer, hidden_states, self_mask, states, mask, kv, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, self_mask, states, mask, kv)
+        return hidden_states
+
+
+class BertModel(nn.Module):
+    """BERT without pooler. ``mode``: 'text' (layers below fusion_layer), 'fusion' (from text embeddings, the
+    cross-attending layers), 'multi_modal' (all layers). ``causal`` makes self-attention causal (decoder)."""
+
+    def __init__(self, config: BertConfig, causal: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.causal = causal
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+
+    def fusion_layers(self) -> list[BertLayer]:
+        return [layer for layer in self.encoder.layer if layer.has_cross_attention]
+
+    def precompute_image_kv(self, image_states: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Key/value heads of the image tokens for every fusion layer, so several fusion passes over the same images
+        (positive pair, hard negatives, MLM) project them once. Index the result with ``select_image_kv``."""
+        if self.config.num_image_streams != 1:
+            raise ValueError("precomputed image key/values support one image stream")
+        return [layer.crossattention.self.project_kv(image_states) for layer in self.fusion_layers()]
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                encoder_embeds: Tensor | None = None, encoder_hidden_states: ImageInput = None,
+                encoder_attention_mask: ImageInput = None, mode: str = "multi_modal",
+                image_kv: list | None = None) -> Tensor:
+        """Returns the last hidden state (B, L, D)."""
+        if input_ids is not None:
+            hidden_states = self.embeddings(input_ids)
+        elif encoder_embeds is not None:
+            hidden_states = encoder_embeds
+        else:
+            raise ValueError("BertModel needs input_ids or encoder_embeds")
+        batch, length = hidden_states.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, device=hidden_states.device, dtype=torch.long)
+        dtype = hidden_states.dtype
+        if self.causal:
+            self_mask = causal_additive_mask(attention_mask, dtype)
+        else:
+            self_mask = additive_mask(attention_mask, dtype)
+        if isinstance(encoder_attention_mask, list | tuple):
+            image_mask = [additive_mask(m, dtype) for m in encoder_attention_mask]
+        else:
+            image_mask = additive_mask(encoder_attention_mask, dtype)
+        return self.encoder(hidden_states, self_mask, mode, encoder_hidden_states, image_mask, image_kv)
+
+
+def select_image_kv(image_kv: list[tuple[Tensor, Tensor]], index: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Rows ``index`` of precomputed image key/values (e.g. the hard-negative images)."""
+    return [(key.index_select(0, index), value.index_select(0, index)) for key, value in image_kv]
+
+
+def cat_image_kv(*kvs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Concatenate precomputed image key/values along the batch."""
+    return [(torch.cat([kv[i][0] for kv in kvs]), torch.cat([kv[i][1] for kv in kvs])) for i in range(len(kvs[0]))]
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = _activation(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.LayerNorm(self.act(self.dense(hidden_states)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = self.decoder.bias  # same Parameter under both official key names
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.predictions(hidden_states)
+
+
+class BertLMHeadModel(nn.Module):
+    """``bert`` + ``cls`` language-model head. Bidirectional for masked language modelling (ALBEF's
+    BertForMaskedLM), causal for the answer / caption decoder (ALBEF's BertLMHeadModel): same keys, same layout."""
+
+    def __init__(self, config: BertConfig, causal: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, causal=causal)
+        self.cls = BertOnlyMLMHead(config)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied, as in BERT
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                encoder_hidden_states: ImageInput = None, encoder_attention_mask: ImageInput = None,
+                mode: str = "multi_modal", image_kv: list | None = None) -> Tensor:
+        """Logits over the vocabulary for every position (B, L, V)."""
+        hidden = self.bert(input_ids, attention_mask, encoder_hidden_states=encoder_hidden_states,
+                           encoder_attention_mask=encoder_attention_mask, mode=mode, image_kv=image_kv)
+        return self.cls(hidden)
+
+
+def decoder_nll(logits: Tensor, labels: Tensor, soft_labels: Tensor | None = None, alpha: float = 0.0,
+                label_smoothing: float = 0.0) -> Tensor:
+    """Per-sequence summed negative log-likelihood of a causal decoder (B,).
+
+    ``logits`` (B, L, V) predict the next token, so position t is scored against ``labels[:, t + 1]``; labels of -100
+    are ignored. With ``soft_labels`` (B, L - 1, V) (momentum distillation) the loss is
+    (1 - alpha) * NLL + alpha * soft cross-entropy, summed over the scored positions.
+    """
+    shifted = logits[:, :-1, :]  # (B, L-1, V)
+    targets = labels[:, 1:]  # (B, L-1)
+    nll = F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=-100, reduction="none",
+                          label_smoothing=label_smoothing)  # (B, L-1)
+    loss = nll.sum(dim=1)
+    if soft_labels is not None:
+        scored = (targets != -100).to(shifted.dtype)
+        soft = -(F.log_softmax(shifted, dim=-1) * soft_labels).sum(dim=-1)  # (B, L-1)
+        loss = (1.0 - alpha) * loss + alpha * (soft * scored).sum(dim=1)
+    return loss
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation (normal(0, std) linears/embeddings, unit LayerNorm); used for random-init runs."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear | nn.Embedding):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if isinstance(sub, nn.Linear) and sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
