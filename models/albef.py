@@ -80,6 +80,8 @@ def build_bert_config(cfg: dict[str, Any], vocab_size: int | None) -> BertConfig
 
 def momentum_update(online: list[nn.Parameter], momentum: list[nn.Parameter], factor: float) -> None:
     """param_m = factor * param_m + (1 - factor) * param, for all parameters at once (foreach kernels)."""
+    if not momentum:
+        return
     with torch.no_grad():
         torch._foreach_mul_(momentum, factor)
         torch._foreach_add_(momentum, online, alpha=1.0 - factor)
@@ -187,8 +189,9 @@ class AlbefBase(nn.Module):
     def copy_params_to_momentum(self) -> None:
         """Momentum copies start equal to the online modules (after loading weights)."""
         online, momentum = self._momentum_params()
-        with torch.no_grad():
-            torch._foreach_copy_(momentum, online)
+        if momentum:
+            with torch.no_grad():
+                torch._foreach_copy_(momentum, online)
 
     def momentum_update(self) -> None:
         online, momentum = self._momentum_params()
@@ -239,6 +242,38 @@ class AlbefBase(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
+    @property
+    def text_bert_m(self) -> BertModel:
+        enc = self.text_encoder_m
+        return enc.bert if isinstance(enc, BertLMHeadModel) else enc
+
+    def itc_itm(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
+                idx: Tensor | None = None, neg_image_for_text: Tensor | None = None,
+                neg_text_for_image: Tensor | None = None, negative_eps: float = 1e-4) -> dict[str, Any]:
+        """The contrastive + matching part shared by pretraining, retrieval and grounding fine-tuning: encoders,
+        momentum update and features, ITC against the queues, queue update, ITM with hard negatives. Returns the
+        two losses plus what MLM reuses (image_embeds, image_embeds_m, image_kv)."""
+        self.clamp_temp()
+        image_embeds = self.encode_image(image)
+        image_feat = self.image_feat(image_embeds)
+        text_embeds = self.encode_text(input_ids, attention_mask)
+        text_feat = self.text_feat(text_embeds)
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m = self.visual_encoder_m(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            text_embeds_m = self.text_bert_m(input_ids, attention_mask, mode="text")
+            text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0, :]), dim=-1)
+        loss_ita = self.contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=idx)
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        sim_i2t, sim_t2i = self.inbatch_sims(image_feat, text_feat, image_feat_m, text_feat_m)
+        image_kv = self.text_bert.precompute_image_kv(image_embeds)  # shared by every fusion pass of the step
+        loss_itm = self.matching_loss(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
+                                      neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image,
+                                      image_kv=image_kv, negative_eps=negative_eps)
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "image_embeds": image_embeds,
+                "image_embeds_m": image_embeds_m, "image_kv": image_kv}
+
     # ---- shared losses ---------------------------------------------------------------------------------------------
     def contrastive_loss(self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor | None,
                          text_feat_m: Tensor | None, alpha: float, idx: Tensor | None = None) -> Tensor:
@@ -268,23 +303,31 @@ class AlbefBase(nn.Module):
         sim_t2i = text_feat @ image_feat_all / self.temp
         return (soft_contrastive_loss(sim_i2t, targets_i2t) + soft_contrastive_loss(sim_t2i, targets_t2i)) / 2
 
-    def matching_loss(self, image_embeds: Tensor, text_embeds: Tensor, attention_mask: Tensor, image_feat: Tensor,
-                      text_feat: Tensor, idx: Tensor | None = None, neg_image_for_text: Tensor | None = None,
-                      neg_text_for_image: Tensor | None = None, image_kv: list | None = None,
-                      negative_eps: float = 1e-4) -> Tensor:
+    def inbatch_sims(self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+        """In-batch similarities that drive hard-negative sampling: as ALBEF, online features against the momentum
+        features of the batch, (B, B) image->text and text->image."""
+        with torch.no_grad():
+            return image_feat @ text_feat_m.t() / self.temp, text_feat @ image_feat_m.t() / self.temp
+
+    def matching_loss(self, image_embeds: Tensor, text_embeds: Tensor, attention_mask: Tensor,
+                      sim_i2t: Tensor | None = None, sim_t2i: Tensor | None = None, idx: Tensor | None = None,
+                      neg_image_for_text: Tensor | None = None, neg_text_for_image: Tensor | None = None,
+                      image_kv: list | None = None, negative_eps: float = 1e-4) -> Tensor:
         """ITM: the positive pairs, plus for each text a hard negative image and for each image a hard negative text,
-        drawn from the in-batch ITC similarity (never a positive: the diagonal, or the same ``idx``), in one fusion
-        pass of 3B pairs that reuses the image key/values. Negatives can be passed in (tests, parity)."""
+        drawn from the in-batch similarities ``sim_i2t`` / ``sim_t2i`` (B, B) (never a positive: the diagonal, or the
+        same ``idx``), in one fusion pass of 3B pairs that reuses the image key/values. Negatives can be passed in
+        (tests, parity) instead of the similarities."""
         batch = image_embeds.shape[0]
         if neg_image_for_text is None or neg_text_for_image is None:
-            with torch.no_grad():
-                sim_i2t = image_feat @ text_feat.t() / self.temp  # (B, B) in-batch
-                if idx is None:
-                    positive = torch.eye(batch, dtype=torch.bool, device=image_feat.device)
-                else:
-                    positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
-                neg_image_for_text = sample_hard_negatives(sim_i2t.t(), positive, negative_eps)
-                neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps)
+            if sim_i2t is None or sim_t2i is None:
+                raise ValueError("matching_loss needs the in-batch similarities or explicit negatives")
+            if idx is None:
+                positive = torch.eye(batch, dtype=torch.bool, device=image_embeds.device)
+            else:
+                positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
+            neg_image_for_text = sample_hard_negatives(sim_t2i, positive, negative_eps)
+            neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps)
         if image_kv is None:
             image_kv = self.text_bert.precompute_image_kv(image_embeds)
         # Order as ALBEF: positives, (text b, its negative image), (negative text, image b).
@@ -321,3 +364,30 @@ def ramp_alpha(alpha: float, warm_up: bool, epoch: int, iter_in_epoch: int, iter
     if warm_up and epoch == 0 and iters_per_epoch > 0:
         return alpha * min(1.0, iter_in_epoch / iters_per_epoch)
     return alpha
+
+
+# ---- key surgery shared by the checkpoint_filter_fn of several task models --------------------------------------------
+def resample_image_pos_embeds(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Resample the position embedding of ``visual_encoder`` (and ``visual_encoder_m``) to the model's image_res."""
+    from models.vit import resample_pos_embed
+
+    for name in ("visual_encoder", "visual_encoder_m"):
+        if hasattr(model, name):
+            state_dict = resample_pos_embed(state_dict, getattr(model, name), f"{name}.")
+    return state_dict
+
+
+def strip_bert_prefix(state_dict: dict[str, Tensor], encoder_names: tuple[str, ...] = ("text_encoder",
+                                                                                         "text_encoder_m")
+                      ) -> dict[str, Tensor]:
+    """Pretraining checkpoints hold the text encoder as ``text_encoder.bert.*`` (+ MLM head ``text_encoder.cls.*``);
+    task models without the MLM head hold it as ``text_encoder.*``. Renames the former to the latter; the MLM head
+    keys are left and reported as unused."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        head, _, rest = key.partition(".")
+        if head in encoder_names and rest.startswith("bert."):
+            out[f"{head}.{rest[len('bert.'):]}"] = value
+        else:
+            out[key] = value
+    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from models.albef import AlbefBase, SpecialTokens, mask_tokens
@@ -31,31 +30,13 @@ class AlbefPretrain(AlbefBase):
                 neg_image_for_text: Tensor | None = None, neg_text_for_image: Tensor | None = None,
                 mlm_input_ids: Tensor | None = None, mlm_labels: Tensor | None = None) -> dict[str, Tensor]:
         """One pretraining step's losses. Negatives and MLM masks are drawn here unless passed in."""
-        self.clamp_temp()
-        image_embeds = self.encode_image(image)
-        image_feat = self.image_feat(image_embeds)
-        text_embeds = self.encode_text(input_ids, attention_mask)
-        text_feat = self.text_feat(text_embeds)
-
-        with torch.no_grad():
-            self.momentum_update()
-            image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = torch.nn.functional.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-            text_embeds_m = self.text_encoder_m.bert(input_ids, attention_mask, mode="text")
-            text_feat_m = torch.nn.functional.normalize(self.text_proj_m(text_embeds_m[:, 0, :]), dim=-1)
-
-        loss_ita = self.contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
-        self.dequeue_and_enqueue(image_feat_m, text_feat_m)
-
-        image_kv = self.text_bert.precompute_image_kv(image_embeds)  # shared by the ITM and MLM fusion passes
-        loss_itm = self.matching_loss(image_embeds, text_embeds, attention_mask, image_feat, text_feat,
-                                      neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image,
-                                      image_kv=image_kv)
+        out = self.itc_itm(image, input_ids, attention_mask, alpha, neg_image_for_text=neg_image_for_text,
+                           neg_text_for_image=neg_text_for_image)
         if mlm_input_ids is None or mlm_labels is None:
             mlm_input_ids, mlm_labels = mask_tokens(input_ids, self.special, self.mlm_probability)
-        loss_mlm = self.mlm_loss(mlm_input_ids, mlm_labels, attention_mask, image_embeds, image_embeds_m, alpha,
-                                 image_kv=image_kv)
-        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "loss_mlm": loss_mlm}
+        loss_mlm = self.mlm_loss(mlm_input_ids, mlm_labels, attention_mask, out["image_embeds"],
+                                 out["image_embeds_m"], alpha, image_kv=out["image_kv"])
+        return {"loss_ita": out["loss_ita"], "loss_itm": out["loss_itm"], "loss_mlm": loss_mlm}
 
     @staticmethod
     def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefPretrain) -> dict[str, Tensor]:
