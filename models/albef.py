@@ -377,8 +377,10 @@ def resample_image_pos_embeds(state_dict: dict[str, Tensor], model: nn.Module) -
     return state_dict
 
 
-def strip_bert_prefix(state_dict: dict[str, Tensor], encoder_names: tuple[str, ...] = ("text_encoder",
-                                                                                         "text_encoder_m")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_m")
+
+
+def strip_bert_prefix(state_dict: dict[str, Tensor], encoder_names: tuple[str, ...] = TEXT_ENCODERS
                       ) -> dict[str, Tensor]:
     """Pretraining checkpoints hold the text encoder as ``text_encoder.bert.*`` (+ MLM head ``text_encoder.cls.*``);
     task models without the MLM head hold it as ``text_encoder.*``. Renames the former to the latter; the MLM head

@@ -1,4 +1,6 @@
-"""Small heads shared by the task models (official key layouts: ``itm_head`` a Linear, ``cls_head`` Linear-ReLU-Linear)."""
+"""Small heads shared by the task models.
+
+Official key layouts: ``itm_head`` a Linear, ``cls_head`` Linear-ReLU-Linear."""
 
 from __future__ import annotations
 

@@ -89,7 +89,8 @@ class AlbefVQA(AlbefBase):
         labels = cand_ids.masked_fill(cand_ids == self.special.pad, -100)
         states = question_states.repeat_interleave(k, dim=0)
         states_mask = question_mask.repeat_interleave(k, dim=0)
-        logits = self.text_decoder(cand_ids, cand_mask, encoder_hidden_states=states, encoder_attention_mask=states_mask)
+        logits = self.text_decoder(cand_ids, cand_mask, encoder_hidden_states=states,
+                                   encoder_attention_mask=states_mask)
         nll = decoder_nll(logits, labels).view(num_questions, k)
         scores = topk_probs.log() - nll  # (B, k) log-probabilities of the candidates
         probs = F.softmax(scores, dim=-1)

@@ -10,7 +10,6 @@ import logging
 from functools import partial
 from typing import Any
 
-
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
