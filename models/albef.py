@@ -366,7 +366,7 @@ def ramp_alpha(alpha: float, warm_up: bool, epoch: int, iter_in_epoch: int, iter
     return alpha
 
 
-# ---- key surgery shared by the checkpoint_filter_fn of several task models --------------------------------------------
+# ---- key surgery shared by the checkpoint_filter_fn of several task models ----
 def resample_image_pos_embeds(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Resample the position embedding of ``visual_encoder`` (and ``visual_encoder_m``) to the model's image_res."""
     from models.vit import resample_pos_embed
