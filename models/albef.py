@@ -11,6 +11,7 @@ says which of these it has and what its forward computes.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 from engine import dist
 from models.vit import create_vit
 from models.xbert import BertConfig, BertLMHeadModel, BertModel, cat_image_kv, init_bert_weights, select_image_kv
+
+log = logging.getLogger(__name__)
 
 # The `model:` config block shared by every task (its one home; tasks add their own keys next to these).
 MODEL_DEFAULTS: dict[str, Any] = {
@@ -123,6 +126,23 @@ def mask_tokens(input_ids: Tensor, special: SpecialTokens, probability: float,
     return input_ids, labels
 
 
+def load_bert_weights(module: nn.Module, name_or_path: str) -> None:
+    """Initialise our BERT (``BertModel`` or ``BertLMHeadModel``) from transformers' BertForMaskedLM weights
+    (bert-base-uncased for real runs, or a local directory). Cross-attention layers have no counterpart and keep their
+    random init; a decoder with fewer layers takes the first ones (as ALBEF's VQA decoder does)."""
+    from transformers import BertForMaskedLM
+
+    source = BertForMaskedLM.from_pretrained(name_or_path).state_dict()
+    if not isinstance(module, BertLMHeadModel):
+        source = {k[len("bert."):]: v for k, v in source.items() if k.startswith("bert.")}
+    target = module.state_dict()
+    usable = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    module.load_state_dict(usable, strict=False)
+    skipped = sorted(set(target) - set(usable))
+    log.info("text encoder initialised from %s: %d tensors loaded, %d left at random init (e.g. %s)",
+             name_or_path, len(usable), len(skipped), skipped[:3])
+
+
 class AlbefBase(nn.Module):
     """Encoders + the shared blocks. Subclasses call ``_build_*`` for what they have and define ``forward``."""
 
@@ -149,8 +169,8 @@ class AlbefBase(nn.Module):
         config = bert_config or self.bert_config
         module = BertLMHeadModel(config, causal=causal) if with_mlm_head else BertModel(config, causal=causal)
         init_bert_weights(module, config.initializer_range)
-        if with_mlm_head:  # re-tie after init (init replaced nothing, but keep the invariant explicit)
-            module.cls.predictions.decoder.weight = module.bert.embeddings.word_embeddings.weight
+        if self.cfg["text_encoder"]:
+            load_bert_weights(module, self.cfg["text_encoder"])
         if self.cfg["grad_checkpointing"]:
             (module.bert if with_mlm_head else module).encoder.gradient_checkpointing = True
         return module

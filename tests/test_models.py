@@ -1,0 +1,255 @@
+"""Behaviour of the ALBEF models: official key set, losses, momentum, queues, hard negatives, and the fast paths
+(shared image key/values, one batched ITM pass, masked-only MLM) equal to the straightforward computations."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models import create_model, load_checkpoint
+from models.albef import SpecialTokens, momentum_update, sample_hard_negatives
+from models.xbert import BertConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SPECIAL = SpecialTokens(pad=0, cls=2, sep=3, mask=4, vocab_size=60)
+
+
+def tiny_cfg(tmp_path: Path, **changes) -> dict:
+    bert = {"hidden_size": 32, "num_hidden_layers": 3, "fusion_layer": 1, "num_attention_heads": 2,
+            "intermediate_size": 64, "encoder_width": 32, "vocab_size": 60, "max_position_embeddings": 64}
+    path = tmp_path / "bert.json"
+    path.write_text(json.dumps(bert))
+    cfg = {"bert_config": str(path), "text_encoder": "", "tokenizer": "", "image_res": 32, "embed_dim": 16,
+           "queue_size": 16, "vit": {"patch_size": 16, "width": 32, "depth": 1, "heads": 2}}
+    cfg.update(changes)
+    return cfg
+
+
+def tiny_batch(batch: int = 4, length: int = 7, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 3, 32, 32, generator=gen)
+    ids = torch.randint(5, 60, (batch, length), generator=gen)
+    ids[:, 0] = SPECIAL.cls
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, -2:] = 0
+    ids[1, -2:] = SPECIAL.pad
+    return image, ids, mask
+
+
+def official_pretrain_keys() -> dict[str, tuple[int, ...]]:
+    """The key names and shapes of ALBEF.pth (ViT-B/16 at 256 px, BERT-base with fusion from layer 6, embed 256,
+    queue 65536), written out from the published architecture."""
+    keys: dict[str, tuple[int, ...]] = {"temp": (), "image_queue": (256, 65536), "text_queue": (256, 65536),
+                                        "queue_ptr": (1,)}
+    for m in ("", "_m"):
+        vit = f"visual_encoder{m}."
+        keys.update({vit + "cls_token": (1, 1, 768), vit + "pos_embed": (1, 257, 768),
+                     vit + "patch_embed.proj.weight": (768, 3, 16, 16), vit + "patch_embed.proj.bias": (768,),
+                     vit + "norm.weight": (768,), vit + "norm.bias": (768,)})
+        for b in range(12):
+            blk = f"{vit}blocks.{b}."
+            keys.update({blk + "norm1.weight": (768,), blk + "norm1.bias": (768,),
+                         blk + "attn.qkv.weight": (2304, 768), blk + "attn.qkv.bias": (2304,),
+                         blk + "attn.proj.weight": (768, 768), blk + "attn.proj.bias": (768,),
+                         blk + "norm2.weight": (768,), blk + "norm2.bias": (768,),
+                         blk + "mlp.fc1.weight": (3072, 768), blk + "mlp.fc1.bias": (3072,),
+                         blk + "mlp.fc2.weight": (768, 3072), blk + "mlp.fc2.bias": (768,)})
+        bert = f"text_encoder{m}.bert."
+        keys.update({bert + "embeddings.position_ids": (1, 512),
+                     bert + "embeddings.word_embeddings.weight": (30522, 768),
+                     bert + "embeddings.position_embeddings.weight": (512, 768),
+                     bert + "embeddings.token_type_embeddings.weight": (2, 768),
+                     bert + "embeddings.LayerNorm.weight": (768,), bert + "embeddings.LayerNorm.bias": (768,)})
+        for layer in range(12):
+            blocks = ["attention"] + (["crossattention"] if layer >= 6 else [])
+            pre = f"{bert}encoder.layer.{layer}."
+            for block in blocks:
+                for lin in ("self.query", "self.key", "self.value", "output.dense"):
+                    keys[f"{pre}{block}.{lin}.weight"] = (768, 768)
+                    keys[f"{pre}{block}.{lin}.bias"] = (768,)
+                keys[f"{pre}{block}.output.LayerNorm.weight"] = (768,)
+                keys[f"{pre}{block}.output.LayerNorm.bias"] = (768,)
+            keys.update({pre + "intermediate.dense.weight": (3072, 768), pre + "intermediate.dense.bias": (3072,),
+                         pre + "output.dense.weight": (768, 3072), pre + "output.dense.bias": (768,),
+                         pre + "output.LayerNorm.weight": (768,), pre + "output.LayerNorm.bias": (768,)})
+        cls = f"text_encoder{m}.cls.predictions."
+        keys.update({cls + "bias": (30522,), cls + "transform.dense.weight": (768, 768),
+                     cls + "transform.dense.bias": (768,), cls + "transform.LayerNorm.weight": (768,),
+                     cls + "transform.LayerNorm.bias": (768,), cls + "decoder.weight": (30522, 768),
+                     cls + "decoder.bias": (30522,)})
+        for proj, width in (("vision_proj", 768), ("text_proj", 768)):
+            keys[f"{proj}{m}.weight"] = (256, width)
+            keys[f"{proj}{m}.bias"] = (256,)
+    keys.update({"itm_head.weight": (2, 768), "itm_head.bias": (2,)})
+    return keys
+
+
+def test_base_pretrain_model_has_exactly_the_official_keys_and_shapes():
+    cfg = {"bert_config": str(REPO / "configs" / "config_bert.json"), "text_encoder": "", "image_res": 256,
+           "embed_dim": 256, "queue_size": 65536}
+    with torch.device("meta"):
+        model = create_model("pretrain", cfg, special=SpecialTokens())
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = official_pretrain_keys()
+    assert sorted(set(ours) ^ set(expected)) == []
+    assert ours == expected
+
+
+def test_config_bert_json_is_albefs():
+    config = BertConfig.from_json_file(REPO / "configs" / "config_bert.json")
+    assert (config.fusion_layer, config.encoder_width, config.num_hidden_layers) == (6, 768, 12)
+
+
+def test_each_pretraining_loss_is_finite_and_decreases_on_a_repeated_batch(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("pretrain", tiny_cfg(tmp_path), special=SPECIAL)
+    image, ids, mask = tiny_batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    history = []
+    for _ in range(25):
+        torch.manual_seed(1)  # same masks and negatives every step: a repeated batch
+        losses = model(image, ids, mask, alpha=0.4)
+        assert all(torch.isfinite(v) for v in losses.values())
+        history.append({k: v.item() for k, v in losses.items()})
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    for name in ("loss_ita", "loss_itm", "loss_mlm"):
+        assert history[-1][name] < 0.8 * history[0][name], (name, history[0][name], history[-1][name])
+
+
+def test_momentum_update_equals_its_formula():
+    online = [torch.randn(3, 4), torch.randn(5)]
+    momentum = [torch.randn(3, 4), torch.randn(5)]
+    expected = [0.9 * m + 0.1 * p for p, m in zip(online, momentum, strict=True)]
+    momentum_update(online, momentum, 0.9)
+    for got, want in zip(momentum, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_model_momentum_update_moves_every_momentum_parameter(tmp_path):
+    model = create_model("pretrain", tiny_cfg(tmp_path, momentum=0.5), special=SPECIAL)
+    with torch.no_grad():
+        for p in model.visual_encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.visual_encoder_m.parameters()]
+    model.momentum_update()
+    for b, p_m, p in zip(before, model.visual_encoder_m.parameters(), model.visual_encoder.parameters(), strict=True):
+        torch.testing.assert_close(p_m, 0.5 * b + 0.5 * p)
+        assert not p_m.requires_grad
+
+
+def test_queue_pointer_wraps_and_features_land_in_order(tmp_path):
+    model = create_model("pretrain", tiny_cfg(tmp_path, queue_size=6), special=SPECIAL)
+    feats = [F.normalize(torch.randn(4, 16), dim=1) for _ in range(2)]
+    model.dequeue_and_enqueue(feats[0], feats[0])
+    assert model.queue_ptr.item() == 4
+    model.dequeue_and_enqueue(feats[1], feats[1])
+    assert model.queue_ptr.item() == 2  # (4 + 4) % 6
+    torch.testing.assert_close(model.image_queue[:, 4:6], feats[1][:2].T)
+    torch.testing.assert_close(model.image_queue[:, 0:2], feats[1][2:].T)
+    torch.testing.assert_close(model.text_queue[:, 2:4], feats[0][2:].T)
+
+
+def test_hard_negatives_never_pick_a_positive():
+    torch.manual_seed(0)
+    idx = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    positive = idx[:, None] == idx[None, :]
+    sim = torch.randn(8, 8) * 5 + 20 * positive.float()  # positives are by far the most similar
+    for _ in range(50):
+        picks = sample_hard_negatives(sim, positive, eps=1e-4)
+        assert not positive[torch.arange(8), picks].any()
+    diag = torch.eye(8, dtype=torch.bool)
+    for _ in range(50):
+        picks = sample_hard_negatives(sim, diag, eps=0.0)
+        assert (picks != torch.arange(8)).all()
+
+
+def test_batched_itm_with_shared_image_kv_equals_looped_per_pair_passes(tmp_path):
+    """The fast ITM (one fusion pass of 3B pairs over precomputed image key/values) equals fusing each pair on its
+    own from the image tokens, with the same negative draws."""
+    torch.manual_seed(0)
+    model = create_model("pretrain", tiny_cfg(tmp_path), special=SPECIAL).eval()
+    image, ids, mask = tiny_batch()
+    neg_image = torch.tensor([1, 2, 3, 0])
+    neg_text = torch.tensor([3, 0, 1, 2])
+    with torch.no_grad():
+        image_embeds = model.encode_image(image)
+        text_embeds = model.encode_text(ids, mask)
+        fast = model.matching_loss(image_embeds, text_embeds, mask, neg_image_for_text=neg_image,
+                                   neg_text_for_image=neg_text)
+        logits, labels = [], []
+        for b in range(4):
+            pairs = [(b, b, 1), (b, int(neg_image[b]), 0)]
+            for t, i, label in pairs:
+                fused = model.fuse(text_embeds[t:t + 1], mask[t:t + 1], image_embeds[i:i + 1])
+                logits.append(model.itm_head(fused[:, 0, :]))
+                labels.append(label)
+        for b in range(4):
+            t = int(neg_text[b])
+            fused = model.fuse(text_embeds[t:t + 1], mask[t:t + 1], image_embeds[b:b + 1])
+            logits.append(model.itm_head(fused[:, 0, :]))
+            labels.append(0)
+        slow = F.cross_entropy(torch.cat(logits), torch.tensor(labels))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_vectorised_negative_sampling_matches_a_per_row_loop_with_the_same_draws():
+    """One multinomial over the (B, B) weights draws, row by row, from the same distributions as ALBEF's loop."""
+    torch.manual_seed(0)
+    sim = torch.randn(5, 5)
+    diag = torch.eye(5, dtype=torch.bool)
+    weights = F.softmax(sim, dim=1) + 1e-4
+    weights = weights.masked_fill(diag, 0.0)
+    torch.manual_seed(3)
+    fast = sample_hard_negatives(sim, diag, eps=1e-4)
+    torch.manual_seed(3)
+    looped = torch.multinomial(weights, 1).squeeze(1)  # the same draws, the straightforward way
+    assert torch.equal(fast, looped)
+    counts = torch.zeros(5, 5)
+    for _ in range(4000):
+        counts[torch.arange(5), sample_hard_negatives(sim, diag, eps=1e-4)] += 1
+    torch.testing.assert_close(counts / 4000, weights / weights.sum(1, keepdim=True), atol=0.03, rtol=0)
+
+
+def test_text_encoder_initialises_from_transformers_bert_weights(tmp_path):
+    """Real runs start the text encoder from bert-base-uncased; here a tiny BERT saved locally stands in for it."""
+    from transformers import BertConfig as HFConfig
+    from transformers import BertForMaskedLM
+
+    hf = BertForMaskedLM(HFConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64))
+    hf.save_pretrained(tmp_path / "tiny-bert")
+    model = create_model("pretrain", tiny_cfg(tmp_path, text_encoder=str(tmp_path / "tiny-bert")), special=SPECIAL)
+    hf_state = hf.state_dict()
+    ours = model.text_encoder.state_dict()
+    for key in ("bert.encoder.layer.2.attention.self.query.weight", "bert.embeddings.word_embeddings.weight",
+                "cls.predictions.transform.dense.weight"):
+        torch.testing.assert_close(ours[key], hf_state[key])
+    # the momentum copy starts equal to the loaded weights
+    torch.testing.assert_close(model.text_encoder_m.state_dict()[key], hf_state[key])
+
+
+def test_load_checkpoint_resamples_pos_embed_for_another_image_res(tmp_path):
+    small = create_model("pretrain", tiny_cfg(tmp_path, image_res=32), special=SPECIAL)
+    large = create_model("pretrain", tiny_cfg(tmp_path, image_res=64), special=SPECIAL)
+    missing, unexpected = load_checkpoint(large, small.state_dict(), strict=True)
+    assert (missing, unexpected) == ([], [])
+    assert large.visual_encoder.pos_embed.shape == (1, 17, 32)
+    torch.testing.assert_close(large.visual_encoder.cls_token, small.visual_encoder.cls_token)
+
+
+def test_pretrain_checkpoint_feeds_every_task_model(tmp_path):
+    """Fine-tuning starts from a pretraining checkpoint: the documented key surgery leaves only the task's new
+    heads missing."""
+    pretrain = create_model("pretrain", tiny_cfg(tmp_path), special=SPECIAL).state_dict()
+    expected_missing = {"retrieval": {"idx_queue"}, "ve": {"cls_head", "cls_head_m"},
+                        "nlvr": {"cls_head", "cls_head_m"}, "vqa": set()}
+    for task, new_heads in expected_missing.items():
+        model = create_model(task, tiny_cfg(tmp_path), special=SPECIAL)
+        missing, _ = load_checkpoint(model, pretrain)
+        assert {re.sub(r"\..*", "", k) for k in missing} == new_heads, (task, missing[:5])
