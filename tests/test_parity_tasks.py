@@ -90,3 +90,28 @@ def test_vqa_states_ranking_and_loss(reference_dir, tmp_path):
                      ref["answer_train.input_ids"], ref["answer_train.attention_mask"], ref["losses.weights"],
                      counts)["loss_vqa"]
     close(loss, ref["losses.loss_eval_mode"])
+
+
+def test_retrieval_two_stage_evaluation_matches_reference(reference_dir, tmp_path):
+    """ALBEF's Retrieval.evaluation (k_test 3) on 4 images x 8 texts: the same ITM score matrices and metrics."""
+    from dataset.tokenizer import tokenize
+    from metrics.retrieval import recall_at_k
+    from tasks.retrieval_eval import two_stage_scores
+    from tests.tokenizer_helpers import reference_tokenizer
+
+    ref = load_reference(reference_dir, "retrieval_micro.pt")
+    model = build_reference_model("retrieval", ref, tmp_path).eval()
+    tokenizer = reference_tokenizer(ref["vocab"], tmp_path)
+    ids, mask = tokenize(tokenizer, ref["evaluation.texts"], 30, padding="max_length")
+    with torch.no_grad():
+        text_embeds = model.encode_text(ids, mask)
+        image_embeds = model.encode_image(ref["image"])
+        score_i2t, score_t2i = two_stage_scores(model, image_embeds, model.image_feat(image_embeds), text_embeds,
+                                                mask, model.text_feat(text_embeds), k_test=ref["evaluation.k_test"],
+                                                query_batch=3)
+    close(score_i2t, ref["evaluation.score_matrix_i2t"])
+    close(score_t2i, ref["evaluation.score_matrix_t2i"])
+    img2txt = ref["evaluation.img2txt"].tolist()
+    metrics = recall_at_k(score_i2t, score_t2i, img2txt, ref["evaluation.txt2img"].tolist())
+    for key, value in ref["evaluation.itm_eval_metrics"].items():
+        assert abs(metrics[key] - value) < 1e-6, (key, metrics[key], value)

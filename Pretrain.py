@@ -1,0 +1,57 @@
+"""ALBEF pretraining: ITC + ITM + MLM with momentum distillation on image-caption pairs.
+
+    python Pretrain.py --config configs/Pretrain.yaml --output_dir output/pretrain
+    torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/pretrain
+With ``data.eval_file`` (a retrieval evaluation file) it reports zero-shot retrieval (ITC ranking, ITM re-ranking).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dataset.datasets import PretrainDataset, RetrievalEvalDataset
+from engine import main_for
+from tasks.base import AlbefTask, task_defaults
+from tasks.retrieval_eval import evaluate_retrieval
+
+
+class PretrainTask(AlbefTask):
+    name = "pretrain"
+    model_task = "pretrain"
+    config_defaults = task_defaults(
+        data={
+            "train_file": [],  # pretraining JSON files [{image, caption (str or list)}]
+            "eval_file": "",  # optional retrieval-format file [{image, caption: [..]}] for zero-shot retrieval
+            "eval_image_root": "",  # image folder of eval_file ("" = data.image_root)
+        },
+        eval={"k_test": 128},  # candidates re-ranked by ITM per query in retrieval evaluation
+    )
+    best_metric = "r_mean"
+
+    def build_train_loader(self):
+        data = self.config.data
+        if not data.train_file:
+            raise ValueError("data.train_file is empty: give the pretraining annotation files")
+        dataset = PretrainDataset(list(data.train_file), self.transform("pretrain"), self.image_root(),
+                                  max_words=int(data.max_words), **self.dataset_options())
+        return self.loader(dataset, train=True)
+
+    def train_step(self, model, batch: dict[str, Any], progress) -> dict[str, Any]:
+        batch = self.to_device(batch)
+        return model(batch["image"], batch["text_ids"], batch["text_mask"], alpha=self.alpha(progress))
+
+    def eval_splits(self) -> list[str]:
+        return ["val"] if self.config.data.eval_file else []
+
+    def evaluate(self, model, split: str) -> dict[str, float]:
+        data = self.config.data
+        dataset = RetrievalEvalDataset(data.eval_file, self.transform("test"), data.eval_image_root or self.image_root(),
+                                       max_words=int(data.max_words), **self.dataset_options())
+        return evaluate_retrieval(model, self.tokenizer, self.loader(dataset, train=False), self.device,
+                                  int(self.config.eval.k_test), int(data.max_tokens))
+
+
+main = main_for(PretrainTask)
+
+if __name__ == "__main__":
+    main()

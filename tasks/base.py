@@ -1,0 +1,112 @@
+"""What every ALBEF-family entry script shares: the data config keys, the tokenizer, loaders, putting a batch on the
+device (normalising images there), distillation-alpha warm-up and loading official / AlignFuse checkpoints.
+
+Entry scripts subclass ``AlbefTask`` and add their datasets, their train_step and their evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dataset.loader import create_loader
+from dataset.tokenizer import build_tokenizer
+from dataset.transforms import DEFAULT_MAX_PIXELS, build_transform, normalize
+from engine import Progress, Task
+from models import MODEL_DEFAULTS, create_model, load_checkpoint
+from models.albef import ramp_alpha
+
+log = logging.getLogger("alignfuse")
+
+# The `data:` block every task shares (its one home); tasks add their annotation files next to these.
+DATA_DEFAULTS: dict[str, Any] = {
+    "image_root": "",  # folder the annotation files' relative image paths start from ("" = as written)
+    "batch_size": 32,  # training batch per process
+    "eval_batch_size": 64,  # evaluation batch per process
+    "num_workers": 4,  # DataLoader worker processes per process (0 = load in the main process)
+    "max_words": 30,  # captions are cut to this many words before tokenising
+    "max_tokens": 30,  # token limit of a text, [CLS] included
+    "max_image_pixels": DEFAULT_MAX_PIXELS,  # larger images are refused (skipped) instead of exhausting memory
+    "max_bad_image_fraction": 0.01,  # above this fraction of unreadable images the run stops with an error
+}
+
+
+def task_defaults(data: dict[str, Any], model: dict[str, Any] | None = None, **blocks: Any) -> dict[str, Any]:
+    """A task's config_defaults: the shared model and data blocks updated with the task's own keys."""
+    model_block = copy.deepcopy(MODEL_DEFAULTS)
+    model_block.update(model or {})
+    return {"model": model_block, "data": {**copy.deepcopy(DATA_DEFAULTS), **data}, **blocks}
+
+
+class AlbefTask(Task):
+    """Base of the ALBEF-family tasks. Subclasses set ``model_task`` (the models registry name)."""
+
+    model_task: ClassVar[str] = ""
+    open_config_keys: ClassVar[tuple[str, ...]] = ("model.bert_overrides",)
+
+    def __init__(self, config, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.tokenizer = build_tokenizer(config.model.tokenizer)
+
+    # ---- model -----------------------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        return create_model(self.model_task, self.config.model, tokenizer=self.tokenizer)
+
+    def load_pretrained(self, model: nn.Module, path: str | Path) -> None:
+        """--checkpoint: official ALBEF or AlignFuse weights through the model's documented key surgery."""
+        missing, unexpected = load_checkpoint(model, path)
+        log.info("loaded %s (%d missing keys, %d unused keys)", path, len(missing), len(unexpected))
+        if hasattr(model, "copy_params_to_momentum") and any("_m." in key for key in missing):
+            model.copy_params_to_momentum()  # a checkpoint without momentum copies: start them from the weights
+
+    # ---- data ------------------------------------------------------------------------------------------------------
+    def dataset_options(self) -> dict[str, Any]:
+        data = self.config.data
+        return {"seed": int(self.config.seed), "max_pixels": int(data.max_image_pixels),
+                "max_bad_image_fraction": float(data.max_bad_image_fraction)}
+
+    def transform(self, kind: str):
+        return build_transform(kind, int(self.config.model.image_res))
+
+    def image_root(self) -> str | None:
+        return self.config.data.image_root or None
+
+    def loader(self, dataset: Dataset, train: bool, collate_fn: Any = None) -> DataLoader:
+        data = self.config.data
+        collate_fn = collate_fn or dataset.make_collator(self.tokenizer, int(data.max_tokens))
+        batch_size = int(data.batch_size if train else data.eval_batch_size)
+        return create_loader(dataset, batch_size, train=train, num_workers=int(data.num_workers),
+                             collate_fn=collate_fn, seed=int(self.config.seed))
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tensors to the device; uint8 images normalised there (cheaper to ship 1 byte per pixel)."""
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if key.startswith("image") and value.dtype == torch.uint8:
+                    value = normalize(value)
+            out[key] = value
+        return out
+
+    def alpha(self, progress: Progress) -> float:
+        model_cfg = self.config.model
+        if not model_cfg.distill:
+            return 0.0
+        return ramp_alpha(float(model_cfg.alpha), bool(model_cfg.warm_up), progress.epoch, progress.iter_in_epoch,
+                          progress.iters_per_epoch)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The task model inside DDP / torch.compile wrappers (for its non-forward methods)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
