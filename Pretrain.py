@@ -45,7 +45,8 @@ class PretrainTask(AlbefTask):
 
     def evaluate(self, model, split: str) -> dict[str, float]:
         data = self.config.data
-        dataset = RetrievalEvalDataset(data.eval_file, self.transform("test"), data.eval_image_root or self.image_root(),
+        image_root = data.eval_image_root or self.image_root()
+        dataset = RetrievalEvalDataset(data.eval_file, self.transform("test"), image_root,
                                        max_words=int(data.max_words), **self.dataset_options())
         return evaluate_retrieval(model, self.tokenizer, self.loader(dataset, train=False), self.device,
                                   int(self.config.eval.k_test), int(data.max_tokens))
