@@ -1,0 +1,181 @@
+"""Checkpoint files: atomic writes, safe loads (weights_only), rolling names, `--resume auto` discovery, RNG state.
+
+Layout in output_dir:
+  checkpoint_{step:08d}.pth   resumable states, rolling (train.keep_last_ckpts kept)
+  checkpoint_last.pth         the newest resumable state (a hard link to the newest rolling file where possible)
+  checkpoint_best.pth         the state with the best evaluation metric
+A checkpoint is a dict of model, optimizer, scheduler, scaler, ema, epoch, step, iter_in_epoch, rng, config,
+best_metric_value, evals_without_improvement - only tensors, numbers, strings, lists and dicts, so
+torch.load(weights_only=True) reads it without executing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import dist
+
+log = logging.getLogger("alignfuse")
+
+_ROLLING = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+def rolling_name(step: int) -> str:
+    return f"checkpoint_{step:08d}.pth"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms/filesystems cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically (temp file in the same dir, fsync, rename). Only rank 0 writes."""
+    if not dist.is_main():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make `dst` the same content as `src` atomically: a hard link when the filesystem allows, else a copy."""
+    if not dist.is_main():
+        return
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """torch.load(path, map_location='cpu', weights_only=True), with clear errors.
+
+    A file that needs arbitrary unpickling (custom classes, functions) is refused with a ValueError and never executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower() or "unsupported" in first.lower():
+            raise ValueError(
+                f"checkpoint {path} was refused: it needs arbitrary pickling (objects other than tensors, numbers, "
+                f"strings, lists and dicts), which could execute code, so it was not loaded ({first}). Re-save it "
+                "as plain state_dicts from a trusted environment."
+            ) from None
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {first}") from None
+    except Exception as err:  # a damaged file fails anywhere inside the unpickler (EOFError, IndexError, ...)
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {err}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict at the top level, got {type(state).__name__}")
+    return state
+
+
+def list_rolling(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of checkpoint_<step>.pth files in output_dir, newest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        match = _ROLLING.match(p.name)
+        if match:
+            found.append((int(match.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """Newest checkpoint_<step>.pth in output_dir that loads, with its state; corrupt files are skipped with a warning.
+
+    Returns None when there is nothing to resume from (a fresh run).
+    """
+    for _, path in list_rolling(output_dir):
+        try:
+            return path, load_checkpoint_file(path)
+        except ValueError as err:
+            log.warning("resume auto: skipping %s: %s", path, err)
+    return None
+
+
+def prune_rolling(output_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` rolling checkpoints (rank 0 only)."""
+    if not dist.is_main() or keep <= 0:
+        return
+    for _, path in list_rolling(output_dir)[keep:]:
+        path.unlink(missing_ok=True)
+
+
+def prune_deepspeed_tags(ds_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` DeepSpeed checkpoint folders (tags start with the zero-padded step)."""
+    ds_dir = Path(ds_dir)
+    if not dist.is_main() or keep <= 0 or not ds_dir.is_dir():
+        return
+    tags = sorted(p for p in ds_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+    for path in tags[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's torch (cpu, cuda), numpy and python RNG states, as weights_only-loadable values."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))

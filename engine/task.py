@@ -1,0 +1,91 @@
+"""The Task interface: what an entry script provides to the engine (model, data, losses, evaluation)."""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from engine.checkpoint import load_checkpoint_file
+from engine.config import Config
+
+log = logging.getLogger("alignfuse")
+
+
+@dataclass
+class Progress:
+    """Where training stands when train_step is called."""
+
+    epoch: int  # current epoch (0-based)
+    iter_in_epoch: int  # micro-batch index within the epoch (0-based)
+    iters_per_epoch: int  # micro-batches per epoch on this rank
+    global_step: int  # optimizer steps done so far
+    total_steps: int  # optimizer steps the run will do
+
+
+class Task(abc.ABC):
+    """Base class of every entry script's task. Only the engine calls backward() and optimizer.step().
+
+    Subclasses set `name`, `config_defaults` (their own config keys with defaults, joined to the schema) and
+    `best_metric`, and implement build_model, build_train_loader, train_step and evaluate.
+    """
+
+    name: ClassVar[str] = "task"
+    config_defaults: ClassVar[dict[str, Any]] = {}
+    open_config_keys: ClassVar[tuple[str, ...]] = ()  # dotted keys of dicts that accept any sub-keys
+    best_metric: ClassVar[str | None] = None  # evaluate() key picking the best checkpoint; train.best_metric overrides
+    best_mode: ClassVar[str] = "max"  # max | min
+    output_dir: Path | None = None  # the run's output folder, set by the engine (tasks write result files there)
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The task's model (on CPU or the device; the engine moves it to the device)."""
+
+    @abc.abstractmethod
+    def build_train_loader(self) -> DataLoader:
+        """The training loader; its sampler must be a dataset.sampler.ResumableDistributedSampler (for resume)."""
+
+    @abc.abstractmethod
+    def train_step(self, model: nn.Module, batch: Any, progress: Progress) -> dict[str, torch.Tensor]:
+        """Named scalar losses for one micro-batch; the engine weights (train.loss_weights) and sums them."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Metrics of `split`; called on every rank, must return the same dict on every rank."""
+
+    def eval_splits(self) -> list[str]:
+        return ["val"]
+
+    def load_pretrained(self, model: nn.Module, path: str | Path) -> None:
+        """Load weights for --checkpoint: the 'model' entry if present, non-strict, logging what did not match."""
+        state = load_checkpoint_file(path)
+        weights = state.get("model", state)
+        result = model.load_state_dict(weights, strict=False)
+        log.info("loaded %s: %d missing keys, %d unexpected keys", path, len(result.missing_keys),
+                 len(result.unexpected_keys))
+        if result.missing_keys:
+            log.info("missing keys: %s", result.missing_keys)
+        if result.unexpected_keys:
+            log.info("unexpected keys: %s", result.unexpected_keys)
+
+    def write_result(self, name: str, data: Any) -> Path:
+        """Write ``data`` as JSON to ``name`` in the run's output folder (call it on the main rank only)."""
+        if self.output_dir is None:
+            raise RuntimeError(f"{type(self).__name__}.output_dir is not set: result files need a run's output folder")
+        path = Path(self.output_dir) / name
+        path.write_text(json.dumps(data), encoding="utf-8")
+        return path
+
+    def on_epoch_end(self, epoch: int) -> None:  # noqa: B027 - an optional hook, deliberately empty by default
+        """Hook after each training epoch (before its evaluation)."""
