@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataset.loader import create_loader
 from dataset.tokenizer import build_tokenizer
 from dataset.transforms import DEFAULT_MAX_PIXELS, build_transform, normalize
-from engine import Progress, Task
+from engine import Progress, Task, dist
 from models import MODEL_DEFAULTS, create_model, load_checkpoint
 from models.albef import ramp_alpha
 
@@ -110,3 +110,21 @@ def unwrap(model: nn.Module) -> nn.Module:
         if inner is None:
             return model
         model = inner
+
+
+@torch.no_grad()
+def gather_in_dataset_order(index: torch.Tensor, num_items: int, *values: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's evaluation rows, gathered and put in dataset order.
+
+    ``index`` (n,) holds the dataset index of each local row of ``values`` (n, ...). The evaluation sampler pads the
+    last share with repeats, so the first occurrence of each index is kept; returns each value as (num_items, ...).
+    """
+    index = dist.all_gather_tensor(index)
+    gathered = [dist.all_gather_tensor(value) for value in values]
+    first = torch.full((num_items,), -1, dtype=torch.long, device=index.device)
+    positions = torch.arange(index.shape[0], device=index.device)
+    first.scatter_reduce_(0, index, positions, reduce="amin", include_self=False)
+    if (first < 0).any():
+        missing = (first < 0).nonzero().flatten()[:10].tolist()
+        raise RuntimeError(f"evaluation: items {missing} were not evaluated by any rank")
+    return [value[first] for value in gathered]

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from dataset.datasets import RetrievalEvalDataset
 from dataset.tokenizer import tokenize
 from dataset.transforms import normalize
-from engine import dist
 from metrics.retrieval import recall_at_k, topk_rerank_matrix
-from tasks.base import unwrap
+from models.xbert import select_image_kv
+from tasks.base import AlbefTask, gather_in_dataset_order, unwrap
 
 
 @torch.no_grad()
@@ -49,41 +50,52 @@ def encode_images(model: nn.Module, loader: DataLoader, device: torch.device, nu
         embeds.append(image_embeds)
         feats.append(model.image_feat(image_embeds))
         indices.append(batch["index"].to(device))
-    index = dist.all_gather_tensor(torch.cat(indices))
-    image_embeds = dist.all_gather_tensor(torch.cat(embeds))
-    image_feats = dist.all_gather_tensor(torch.cat(feats))
-    first = torch.full((num_images,), -1, dtype=torch.long, device=index.device)
-    # keep the first occurrence of each index (the distributed sampler pads the last share with repeats)
-    positions = torch.arange(index.shape[0], device=index.device)
-    first.scatter_reduce_(0, index, positions, reduce="amin", include_self=False)
-    if (first < 0).any():
-        raise RuntimeError("retrieval evaluation: some images were not encoded by any rank")
-    return image_embeds[first], image_feats[first]
+    image_embeds, image_feats = gather_in_dataset_order(torch.cat(indices), num_images, torch.cat(embeds),
+                                                        torch.cat(feats))
+    return image_embeds, image_feats
+
+
+def _image_kv_bytes(model: nn.Module, image_embeds: Tensor) -> int:
+    layers = len(model.text_bert.fusion_layers())
+    hidden = model.text_bert.config.hidden_size
+    return image_embeds.shape[0] * image_embeds.shape[1] * hidden * 2 * layers * image_embeds.element_size()
 
 
 @torch.no_grad()
 def two_stage_scores(model: nn.Module, image_embeds: Tensor, image_feats: Tensor, text_embeds: Tensor,
                      text_masks: Tensor, text_feats: Tensor, k_test: int, query_batch: int = 16,
-                     split_across_ranks: bool = True) -> tuple[Tensor, Tensor]:
-    """ITM-re-ranked score matrices (image->text (N, T), text->image (T, N)), -100 outside each query's top k."""
+                     split_across_ranks: bool = True, kv_cache_bytes: int = 2 * 1024**3) -> tuple[Tensor, Tensor]:
+    """ITM-re-ranked score matrices (image->text (N, T), text->image (T, N)), -100 outside each query's top k.
+
+    The image tokens' key/value projections (most of a fusion pass: an image has far more tokens than a caption) are
+    computed once per image for the whole evaluation when they fit in ``kv_cache_bytes``, else once per query image
+    (image->text) / per candidate (text->image). Text padding beyond the longest caption of a pass is dropped (masked
+    keys contribute exactly zero, so the scores do not change)."""
     model = unwrap(model)
     sims = image_feats @ text_feats.t()  # (N, T)
     text_bert = model.text_bert
+    cached = _image_kv_bytes(model, image_embeds) <= kv_cache_bytes
+    all_kv = text_bert.precompute_image_kv(image_embeds) if cached else None
+
+    def image_kv(rows: Tensor) -> list[tuple[Tensor, Tensor]]:
+        if all_kv is not None:
+            return select_image_kv(all_kv, rows)
+        return text_bert.precompute_image_kv(image_embeds[rows])
+
+    def fuse_match(text_rows: Tensor, kv: list[tuple[Tensor, Tensor]]) -> Tensor:
+        masks = text_masks[text_rows]
+        length = int(masks.sum(dim=1).max())  # one host sync per pass (evaluation only)
+        fused = model.fuse(text_embeds[text_rows, :length], masks[:, :length], None, image_kv=kv)
+        return model.itm_head(fused[:, 0, :])[:, 1]
 
     def image_to_text(queries: Tensor, candidates: Tensor) -> Tensor:  # (n,), (n, k) -> (n, k)
         k = candidates.shape[1]
-        image_kv = text_bert.precompute_image_kv(image_embeds[queries])  # once per query image
-        image_kv = [(key.repeat_interleave(k, 0), value.repeat_interleave(k, 0)) for key, value in image_kv]
-        flat = candidates.reshape(-1)
-        fused = model.fuse(text_embeds[flat], text_masks[flat], None, image_kv=image_kv)
-        return model.itm_head(fused[:, 0, :])[:, 1].view(candidates.shape)
+        kv = [(key.repeat_interleave(k, 0), value.repeat_interleave(k, 0)) for key, value in image_kv(queries)]
+        return fuse_match(candidates.reshape(-1), kv).view(candidates.shape)
 
     def text_to_image(queries: Tensor, candidates: Tensor) -> Tensor:
         k = candidates.shape[1]
-        flat = candidates.reshape(-1)
-        fused = model.fuse(text_embeds[queries].repeat_interleave(k, 0), text_masks[queries].repeat_interleave(k, 0),
-                           image_embeds[flat])
-        return model.itm_head(fused[:, 0, :])[:, 1].view(candidates.shape)
+        return fuse_match(queries.repeat_interleave(k, 0), image_kv(candidates.reshape(-1))).view(candidates.shape)
 
     k_i2t = min(k_test, sims.shape[1])
     k_t2i = min(k_test, sims.shape[0])
@@ -105,3 +117,14 @@ def evaluate_retrieval(model: nn.Module, tokenizer: Any, loader: DataLoader, dev
     score_i2t, score_t2i = two_stage_scores(inner, image_embeds, image_feats, text_embeds, text_masks, text_feats,
                                             k_test)
     return recall_at_k(score_i2t.cpu(), score_t2i.cpu(), dataset.img2txt, dataset.txt2img)
+
+
+def evaluate_retrieval_file(task: AlbefTask, model: nn.Module, ann_file: str, image_root: str | None,
+                            k_test: int) -> dict[str, float]:
+    """evaluate_retrieval on a retrieval evaluation file ``[{image, caption: [..]}]`` with the task's data settings
+    (test transform, max_words, max_tokens, eval batch size, workers)."""
+    data = task.config.data
+    dataset = RetrievalEvalDataset(ann_file, task.transform("test"), image_root, max_words=int(data.max_words),
+                                   **task.dataset_options())
+    return evaluate_retrieval(model, task.tokenizer, task.loader(dataset, train=False), task.device, k_test,
+                              int(data.max_tokens))

@@ -1,0 +1,65 @@
+"""Image-text retrieval (MSCOCO / Flickr30k): fine-tune ALBEF with ITC (momentum distillation, every caption of an
+image a positive) + ITM (hard negatives), evaluate with ITC ranking and ITM re-ranking of the top k_test.
+
+    torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml --checkpoint ALBEF.pth \
+        --output_dir output/retrieval_coco
+    torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml --checkpoint mscoco.pth --evaluate
+Reports txt_r1/5/10 (image->text), img_r1/5/10 (text->image), their means and r_mean per split; the best checkpoint
+is kept by val r_mean. ``--evaluate`` with a pretraining checkpoint gives zero-shot numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from dataset.datasets import RetrievalTrainDataset
+from engine import Progress, main_for
+from tasks.base import AlbefTask, task_defaults
+from tasks.retrieval_eval import evaluate_retrieval_file
+
+
+class RetrievalTask(AlbefTask):
+    name = "retrieval"
+    model_task = "retrieval"
+    config_defaults = task_defaults(
+        data={
+            "train_file": [],  # [{image, caption, image_id}] files, one entry per caption
+            "val_file": "",  # [{image, caption: [..]}]; picks the best checkpoint ("" = none)
+            "test_file": "",  # [{image, caption: [..]}] ("" = none)
+        },
+        eval={
+            "k_test": 256,  # candidates per query re-scored by ITM (ALBEF: 256 for COCO and Flickr30k)
+        },
+    )
+    best_metric = "r_mean"
+
+    def build_train_loader(self) -> DataLoader:
+        data = self.config.data
+        if not data.train_file:
+            raise ValueError("data.train_file is empty: give the retrieval training files [{image, caption, "
+                             "image_id}]")
+        dataset = RetrievalTrainDataset(list(data.train_file), self.transform("train"), self.image_root(),
+                                        max_words=int(data.max_words), **self.dataset_options())
+        return self.loader(dataset, train=True)
+
+    def train_step(self, model: nn.Module, batch: dict[str, Any], progress: Progress) -> dict[str, Tensor]:
+        batch = self.to_device(batch)
+        return model(batch["image"], batch["text_ids"], batch["text_mask"], idx=batch["image_idx"],
+                     alpha=self.alpha(progress))
+
+    def eval_splits(self) -> list[str]:
+        data = self.config.data
+        return [split for split, path in (("val", data.val_file), ("test", data.test_file)) if path]
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        return evaluate_retrieval_file(self, model, self.config.data[f"{split}_file"], self.image_root(),
+                                       int(self.config.eval.k_test))
+
+
+main = main_for(RetrievalTask)
+
+if __name__ == "__main__":
+    main()

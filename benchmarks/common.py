@@ -1,0 +1,76 @@
+"""Shared pieces of the benchmarks: model sizes, random inputs, peak memory and a matmul peak to compute MFU."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+SIZES: dict[str, dict[str, Any]] = {
+    # ALBEF's published architecture: ViT-B/16 at 256 px, BERT-base with fusion from layer 6, embed 256.
+    "base": {"bert_config": str(REPO / "configs" / "config_bert.json"), "bert_overrides": {}, "image_res": 256,
+             "embed_dim": 256, "queue_size": 65536,
+             "vit": {"patch_size": 16, "width": 768, "depth": 12, "heads": 12}},
+    # The demo's model.
+    "tiny": {"bert_config": str(REPO / "configs" / "config_bert.json"),
+             "bert_overrides": {"hidden_size": 64, "num_hidden_layers": 4, "fusion_layer": 2,
+                                "num_attention_heads": 2, "intermediate_size": 128, "encoder_width": 64,
+                                "max_position_embeddings": 64, "vocab_size": 1000},
+             "image_res": 48, "embed_dim": 64, "queue_size": 512,
+             "vit": {"patch_size": 8, "width": 64, "depth": 2, "heads": 2}},
+}
+
+
+def model_cfg(size: str, **changes: Any) -> dict[str, Any]:
+    if size not in SIZES:
+        raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
+    return {**SIZES[size], "text_encoder": "", "tokenizer": "", **changes}
+
+
+def random_text(batch: int, length: int, vocab: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, length), generator=generator)
+    ids[:, 0] = 101 if vocab > 2000 else 2  # [CLS]
+    mask = torch.ones(batch, length, dtype=torch.long)
+    return ids, mask
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak RSS of this process on CPU, max allocated on GPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul on this device/dtype, measured now (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)

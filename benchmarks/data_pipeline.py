@@ -1,0 +1,165 @@
+"""Images per second of one data worker for ALBEF's pretraining transform, OpenCV (ours) against PIL and torchvision.
+
+Generates COCO-sized JPEGs (640x480, textured so that JPEG decoding does real work) into a temporary directory, then
+times, in one process with one thread (what each DataLoader worker gets):
+  opencv:      dataset.transforms.load_image + build_transform('pretrain', res)  (what the datasets run)
+  pil:         PIL decode + RandomResizedCrop (PIL bicubic) + flip + the same RandAugment operations with PIL's
+               ImageOps / ImageEnhance / Image.transform, as ALBEF ran it, then to a uint8 tensor
+  torchvision: torchvision.io.decode_jpeg + v2 RandomResizedCrop / flip / RandAugment(2, 7) on uint8 tensors
+               (torchvision's RandAugment draws from its own, larger operation set), if torchvision imports
+Prints one JSON line. Not run by CI: python benchmarks/data_pipeline.py [--num-images 200] [--image-res 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from dataset.randaugment import ALBEF_OPS, TRANSLATE_PIXELS
+from dataset.transforms import build_transform, load_image, random_resized_crop_box
+
+
+def write_images(folder: Path, count: int, width: int = 640, height: int = 480, seed: int = 0) -> list[Path]:
+    """Textured colour JPEGs (smooth gradients + noise + shapes), quality 90 like typical COCO files."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    for index in range(count):
+        phase = rng.uniform(0, 6.28, size=3)
+        image = np.stack([127 + 100 * np.sin(xs / (40 + 10 * c) + ys / 70 + phase[c]) for c in range(3)], axis=-1)
+        image += rng.normal(0, 12, size=image.shape)
+        image = image.clip(0, 255).astype(np.uint8)
+        for _ in range(6):
+            centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+            colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+            cv2.circle(image, centre, int(rng.integers(10, 90)), colour, -1)
+        path = folder / f"img_{index:06d}.jpg"
+        cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        paths.append(path)
+    return paths
+
+
+def _pil_augment(image: Image.Image, rng: np.random.Generator, n_ops: int = 2, magnitude: float = 7) -> Image.Image:
+    """ALBEF's RandomAugment operations and magnitudes with PIL primitives."""
+    level = magnitude / 10
+    fill = (128, 128, 128)
+    for op_index in rng.integers(0, len(ALBEF_OPS), size=n_ops):
+        if rng.random() >= 0.5:
+            continue
+        name = ALBEF_OPS[op_index]
+        sign = -1.0 if name not in ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness") and \
+            rng.random() < 0.5 else 1.0
+        if name == "AutoContrast":
+            image = ImageOps.autocontrast(image)
+        elif name == "Equalize":
+            image = ImageOps.equalize(image)
+        elif name == "Brightness":
+            image = ImageEnhance.Brightness(image).enhance(0.1 + 1.8 * level)
+        elif name == "Sharpness":
+            image = ImageEnhance.Sharpness(image).enhance(0.1 + 1.8 * level)
+        elif name == "ShearX":
+            image = image.transform(image.size, Image.AFFINE, (1, sign * 0.3 * level, 0, 0, 1, 0), fillcolor=fill)
+        elif name == "ShearY":
+            image = image.transform(image.size, Image.AFFINE, (1, 0, 0, sign * 0.3 * level, 1, 0), fillcolor=fill)
+        elif name == "TranslateX":
+            shift = sign * TRANSLATE_PIXELS * level
+            image = image.transform(image.size, Image.AFFINE, (1, 0, shift, 0, 1, 0), fillcolor=fill)
+        elif name == "TranslateY":
+            shift = sign * TRANSLATE_PIXELS * level
+            image = image.transform(image.size, Image.AFFINE, (1, 0, 0, 0, 1, shift), fillcolor=fill)
+        elif name == "Rotate":
+            image = image.rotate(sign * 30 * level, fillcolor=fill)
+    return image
+
+
+def pil_pipeline(image_res: int) -> Callable[[Path, np.random.Generator], torch.Tensor]:
+    def run(path: Path, rng: np.random.Generator) -> torch.Tensor:
+        with Image.open(path) as file:
+            image = file.convert("RGB")
+        top, left, height, width = random_resized_crop_box(image.height, image.width, (0.2, 1.0), (3 / 4, 4 / 3), rng)
+        image = image.resize((image_res, image_res), Image.BICUBIC, box=(left, top, left + width, top + height))
+        if rng.random() < 0.5:
+            image = ImageOps.mirror(image)
+        image = _pil_augment(image, rng)
+        return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
+
+    return run
+
+
+def opencv_pipeline(image_res: int) -> Callable[[Path, np.random.Generator], torch.Tensor]:
+    transform = build_transform("pretrain", image_res)
+
+    def run(path: Path, rng: np.random.Generator) -> torch.Tensor:
+        return transform(load_image(path), rng)
+
+    return run
+
+
+def torchvision_pipeline(image_res: int) -> Callable[[Path, np.random.Generator], torch.Tensor] | None:
+    try:
+        from torchvision.io import decode_jpeg, read_file
+        from torchvision.transforms import InterpolationMode, v2
+    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+        return None
+    transform = v2.Compose([
+        v2.RandomResizedCrop(image_res, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandAugment(num_ops=2, magnitude=7, fill=128),
+    ])
+
+    def run(path: Path, rng: np.random.Generator) -> torch.Tensor:
+        del rng  # torchvision draws from torch's global generator
+        return transform(decode_jpeg(read_file(str(path))))
+
+    return run
+
+
+def images_per_second(pipeline: Callable, paths: list[Path], repeats: int = 1) -> float:
+    rng = np.random.default_rng(0)
+    for path in paths[:5]:  # warm-up: imports, first-call allocations
+        pipeline(path, rng)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for path in paths:
+            out = pipeline(path, rng)
+            assert out.dtype == torch.uint8 and out.shape[0] == 3
+    return repeats * len(paths) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=200)
+    parser.add_argument("--image-res", type=int, default=256, help="output side in pixels (ALBEF pretrains at 256)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_images(Path(folder), args.num_images)
+        result = {
+            "benchmark": "data_pipeline",
+            "transform": "pretrain",
+            "source_image": [640, 480],
+            "image_res": args.image_res,
+            "num_images": args.num_images,
+            "threads": 1,
+            "opencv_images_per_s": round(images_per_second(opencv_pipeline(args.image_res), paths), 1),
+            "pil_images_per_s": round(images_per_second(pil_pipeline(args.image_res), paths), 1),
+        }
+        tv = torchvision_pipeline(args.image_res)
+        result["torchvision_images_per_s"] = None if tv is None else round(images_per_second(tv, paths), 1)
+    result["speedup_vs_pil"] = round(result["opencv_images_per_s"] / result["pil_images_per_s"], 2)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Seconds per optimizer step of a task model, with samples/s, peak memory, FLOPs per step and MFU (one JSON line).
+
+    python benchmarks/train_step.py --task pretrain --size base --batch 4 --threads 2
+    python benchmarks/train_step.py --task pretrain --size base --batch 64 --amp bf16 --device cuda [--compile]
+
+The step is the engine's: forward (named losses) -> sum -> backward -> clip -> AdamW step (fused on CUDA, foreach on
+CPU). FLOPs come from torch's FlopCounterMode over one step; MFU divides the achieved FLOP/s by a matmul peak
+measured in the same run on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import emit, matmul_peak_flops, median, model_cfg, peak_memory_bytes, random_text, sync  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="pretrain", choices=["pretrain", "retrieval"])
+    parser.add_argument("--size", default="tiny", choices=["tiny", "base"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--text-len", type=int, default=30)
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import optim
+    from models import create_model
+    from models.albef import SpecialTokens
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = model_cfg(args.size, grad_checkpointing=args.grad_ckpt)
+    vocab = 30522 if args.size == "base" else 1000
+    special = SpecialTokens() if args.size == "base" else SpecialTokens(pad=0, cls=2, sep=3, mask=4, vocab_size=vocab)
+    torch.manual_seed(0)
+    model = create_model(args.task, cfg, special=special).to(device).train()
+    optimizer = optim.create_optimizer({"lr": 1e-4, "weight_decay": 0.02}, model)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    step_model = torch.compile(model) if args.compile else model
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(args.batch, 3, cfg["image_res"], cfg["image_res"], generator=gen).to(device)
+    ids, mask = (t.to(device) for t in random_text(args.batch, args.text_len, vocab, gen))
+    extra = {"idx": torch.arange(args.batch, device=device)} if args.task == "retrieval" else {}
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = step_model(image, ids, mask, alpha=0.4, **extra)
+            total = sum(losses.values())
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    seconds = median(times)
+    peak = matmul_peak_flops(device, amp_dtype or torch.float32)
+    record = {
+        "benchmark": "train_step", "task": args.task, "size": args.size, "batch": args.batch, "amp": args.amp,
+        "compile": args.compile, "grad_ckpt": args.grad_ckpt, "device": str(device),
+        "threads": torch.get_num_threads(), "median_step_s": round(seconds, 4),
+        "samples_per_s": round(args.batch / seconds, 3), "peak_memory_gb": round(peak_memory_bytes(device) / 1e9, 3),
+        "flops_per_step": flops, "achieved_tflops": round(flops / seconds / 1e12, 4),
+        "matmul_peak_tflops": round(peak / 1e12, 4), "mfu": round(flops / seconds / peak, 4),
+        "torch": torch.__version__,
+    }
+    emit(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

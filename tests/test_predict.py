@@ -1,0 +1,102 @@
+"""Predict.py (single and batch mode, --save_npy, official checkpoints without a config) and the demo's Grad-CAM
+picture, on a tiny random model and the synthetic images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dataset.tokenizer import build_tokenizer
+from engine.config import save_config
+from models import create_model
+from Predict import main
+from tasks.demo_gradcam import write_demo_gradcam
+from tasks.gradcam_view import MAX_COLUMNS, group_word_pieces
+
+TINY_MODEL = {
+    "bert_config": "configs/config_bert.json", "text_encoder": "",
+    "bert_overrides": {"hidden_size": 32, "num_hidden_layers": 4, "fusion_layer": 2, "num_attention_heads": 2,
+                       "intermediate_size": 64, "encoder_width": 32, "max_position_embeddings": 64},
+    "vit": {"patch_size": 8, "width": 32, "depth": 2, "heads": 2, "pretrained": ""},
+    "image_res": 48, "embed_dim": 16, "queue_size": 32,
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(synthetic_dir, tmp_path_factory) -> dict[str, Path]:
+    """An AlignFuse-style checkpoint (weights + config) and an official-style one (weights only)."""
+    out = tmp_path_factory.mktemp("predict")
+    config = {"model": {**TINY_MODEL, "tokenizer": str(synthetic_dir / "vocab.txt")}, "data": {"max_tokens": 24}}
+    torch.manual_seed(0)
+    model = create_model("grounding", config["model"], tokenizer=build_tokenizer(config["model"]["tokenizer"]))
+    ours, official = out / "ours.pth", out / "official.pth"
+    torch.save({"model": model.state_dict(), "config": config}, ours)
+    torch.save({"model": model.state_dict()}, official)
+    save_config(config, out)
+    return {"ours": ours, "official": official, "config": out / "config.yaml", "dir": out}
+
+
+def test_predict_writes_a_png_of_image_sized_tiles(checkpoints, synthetic_dir, tmp_path, capsys) -> None:
+    image_path = synthetic_dir / "images" / json.loads((synthetic_dir / "refcoco+_val.json").read_text())[0]["image"]
+    text = "the large red circle on the left"
+    out = tmp_path / "cam.png"
+    written = main(["--checkpoint", str(checkpoints["ours"]), "--image", str(image_path), "--text", text,
+                    "--out", str(out), "--save_npy"])
+    assert written == [out] and out.is_file()
+    image = cv2.imread(str(image_path))
+    picture = cv2.imread(str(out))
+    height, width = image.shape[:2]
+    tiles = 2 + len(text.split())  # the image, the sentence, one per word
+    columns = min(tiles, MAX_COLUMNS)
+    rows = -(-tiles // columns)
+    assert picture.shape == (rows * height, columns * width, 3)
+    # The first tile is the image itself below its label strip (PNG is lossless).
+    np.testing.assert_array_equal(picture[height // 2:height, :width], image[height // 2:])
+    assert "ITM score" in capsys.readouterr().out
+    maps = np.load(out.with_suffix(".npy"))
+    names = json.loads(out.with_suffix(".json").read_text())["maps"]
+    assert names == ["<sentence>", *text.split()]
+    assert maps.shape == (len(names), 6, 6)  # 48 px / patch 8
+    np.testing.assert_allclose(maps[0], maps[1:].mean(axis=0), rtol=1e-5, atol=1e-9)  # the sentence = mean of words
+
+
+def test_predict_batch_mode_and_official_checkpoint(checkpoints, synthetic_dir, tmp_path) -> None:
+    entries = json.loads((synthetic_dir / "refcoco+_val.json").read_text())[:2]
+    batch = tmp_path / "pairs.json"
+    batch.write_text(json.dumps([{"image": str(synthetic_dir / "images" / e["image"]), "text": e["text"]}
+                                 for e in entries]))
+    with pytest.raises(ValueError, match="carries no config.*--config"):
+        main(["--checkpoint", str(checkpoints["official"]), "--batch", str(batch)])
+    written = main(["--checkpoint", str(checkpoints["official"]), "--config", str(checkpoints["config"]),
+                    "--batch", str(batch), "--out_dir", str(tmp_path / "cams"), "--mode", "itc"])
+    assert len(written) == 2 and all(path.is_file() and path.parent == tmp_path / "cams" for path in written)
+    assert cv2.imread(str(written[0])).shape == (64, 2 * 64, 3)  # itc: the image and the sentence map
+    batch.write_text(json.dumps([{"image": "a.jpg"}]))
+    with pytest.raises(ValueError, match=r"pairs.json: entry 0: expected"):
+        main(["--checkpoint", str(checkpoints["ours"]), "--batch", str(batch)])
+
+
+def test_demo_gradcam_writes_the_png(checkpoints, synthetic_dir) -> None:
+    demo_dir = checkpoints["dir"]
+    (demo_dir / "checkpoint_last.pth").write_bytes(checkpoints["ours"].read_bytes())
+    png = write_demo_gradcam(demo_dir, synthetic_dir)
+    assert png == demo_dir / "gradcam.png" and png.is_file()
+    assert cv2.imread(str(png)).shape[0] % 64 == 0
+
+
+def test_word_pieces_join_into_words(tmp_path) -> None:
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "##dish", "circle"]) + "\n")
+    tokenizer = build_tokenizer(str(vocab))
+    ids = torch.tensor([2, 5, 6, 7, 0])  # [CLS] red ##dish circle [PAD]
+    token_maps = torch.arange(5 * 2 * 2, dtype=torch.float32).view(5, 2, 2)
+    words, maps = group_word_pieces(tokenizer, ids, token_maps)
+    assert words == ["reddish", "circle"]
+    np.testing.assert_allclose(maps[0], ((token_maps[1] + token_maps[2]) / 2).numpy())
+    np.testing.assert_allclose(maps[1], token_maps[3].numpy())
