@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dataset.datasets import PretrainDataset, RetrievalEvalDataset
+from dataset.datasets import PretrainDataset
 from engine import main_for
 from tasks.base import AlbefTask, task_defaults
-from tasks.retrieval_eval import evaluate_retrieval
+from tasks.retrieval_eval import evaluate_retrieval_file
 
 
 class PretrainTask(AlbefTask):
@@ -45,11 +45,8 @@ class PretrainTask(AlbefTask):
 
     def evaluate(self, model, split: str) -> dict[str, float]:
         data = self.config.data
-        image_root = data.eval_image_root or self.image_root()
-        dataset = RetrievalEvalDataset(data.eval_file, self.transform("test"), image_root,
-                                       max_words=int(data.max_words), **self.dataset_options())
-        return evaluate_retrieval(model, self.tokenizer, self.loader(dataset, train=False), self.device,
-                                  int(self.config.eval.k_test), int(data.max_tokens))
+        return evaluate_retrieval_file(self, model, data.eval_file, data.eval_image_root or self.image_root(),
+                                       int(self.config.eval.k_test))
 
 
 main = main_for(PretrainTask)

@@ -1,0 +1,140 @@
+"""Image captioning (BLIP-style decoder on the ALBEF backbone): fine-tune, evaluate with COCO metrics, caption a folder.
+
+    torchrun --nproc_per_node=8 Caption.py --config configs/Caption_coco.yaml --checkpoint ALBEF_4M.pth \
+        --output_dir output/caption_coco
+    python Caption.py --config configs/Caption_coco.yaml --checkpoint output/caption_coco/checkpoint_best.pth \
+        --evaluate --output_dir output/captions --opts data.image_folder=photos/
+
+Training files: ``[{image, caption, image_id}]`` (COCO Karpathy train, or any dataset in that format); evaluation
+files: ``[{image, caption: [..]}]``, scored against ``data.{val,test}_gt_file`` (COCO-format ground truth) or, when
+that is empty, against the captions of the evaluation file itself. Every evaluation writes
+``caption_<split>_eval<N>.json`` (``[{image_id, caption}]``) to the output folder and reports BLEU-1..4, METEOR (needs
+Java), ROUGE-L, CIDEr and SPICE (when its jars are installed) plus ``score``, the mean of ``eval.score_metrics``, which
+picks the best checkpoint and drives early stopping (``train.early_stop_patience``).
+
+With ``data.image_folder`` set, evaluation captions every image in that folder instead (``captions_folder.json``:
+``[{image, caption}]``); use it with ``--evaluate`` and a captioning checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dataset.datasets import CaptionEvalDataset, CaptionTrainDataset
+from engine import dist, main_for
+from metrics.caption import caption_metrics, load_coco_references
+from models.generation import GENERATION_DEFAULTS, GenerationSettings
+from tasks.base import AlbefTask, task_defaults
+from tasks.captioning import ImageFolderDataset, PromptCaptionCollator, generate_captions, prompt_ids
+
+log = logging.getLogger("alignfuse")
+
+
+class CaptionTask(AlbefTask):
+    name = "caption"
+    model_task = "caption"
+    config_defaults = task_defaults(
+        data={
+            "train_file": [],  # [{image, caption, image_id}] files
+            "val_file": "",  # [{image, caption: [..]}]; "" = no validation
+            "test_file": "",  # [{image, caption: [..]}]; "" = no test evaluation
+            "val_gt_file": "",  # COCO-format ground truth of val_file ("" = the captions of val_file)
+            "test_gt_file": "",  # COCO-format ground truth of test_file ("" = the captions of test_file)
+            "image_folder": "",  # caption every image in this folder instead of evaluating (with --evaluate)
+        },
+        caption={
+            "prompt": "a picture of ",  # decoder context before every caption; never scored, not in the output
+            "label_smoothing": 0.1,  # of the language-modelling loss
+        },
+        generation=dict(GENERATION_DEFAULTS),
+        eval={
+            "score_metrics": ["CIDEr"],  # 'score' = mean of these metrics (best checkpoint, early stopping)
+            "meteor": True,  # METEOR (needs Java; reported as unavailable without it)
+            "spice": False,  # SPICE (slow; needs Java and the Stanford CoreNLP jars already installed)
+        },
+    )
+    best_metric = "score"
+
+    def __init__(self, config, device) -> None:
+        super().__init__(config, device)
+        self.settings = GenerationSettings.from_config(config.generation)
+        self.eval_counts: dict[str, int] = {}
+        self.prompt_length = len(prompt_ids(self.tokenizer, config.caption.prompt))  # [CLS] + prompt word pieces
+
+    def build_train_loader(self):
+        data = self.config.data
+        if not data.train_file:
+            raise ValueError("data.train_file is empty: give the captioning training files [{image, caption, "
+                             "image_id}]")
+        dataset = CaptionTrainDataset(list(data.train_file), self.transform("train"), self.image_root(),
+                                      max_words=int(data.max_words), **self.dataset_options())
+        collator = PromptCaptionCollator(self.tokenizer, int(data.max_tokens), self.config.caption.prompt)
+        return self.loader(dataset, train=True, collate_fn=collator)
+
+    def train_step(self, model, batch: dict[str, Any], progress) -> dict[str, Any]:
+        batch = self.to_device(batch)
+        return model(batch["image"], batch["text_ids"], batch["text_mask"], prompt_length=self.prompt_length,
+                     label_smoothing=float(self.config.caption.label_smoothing))
+
+    def eval_splits(self) -> list[str]:
+        data = self.config.data
+        if data.image_folder:
+            return ["folder"]
+        return [split for split in ("val", "test") if data[f"{split}_file"]]
+
+    def evaluate(self, model, split: str) -> dict[str, float]:
+        if split == "folder":
+            return self.caption_folder(model)
+        data = self.config.data
+        dataset = CaptionEvalDataset(data[f"{split}_file"], self.transform("test"), self.image_root(),
+                                     max_words=int(data.max_words), **self.dataset_options())
+        loader = self.loader(dataset, train=False, collate_fn=dataset.make_collator(self.tokenizer))
+        results = generate_captions(model, self.tokenizer, loader, self.device, self.config.caption.prompt,
+                                    self.settings, id_key="image_id", seed=int(self.config.seed))
+        metrics = None
+        if dist.is_main():
+            self.write_result(f"caption_{split}_eval{self.eval_count(split)}.json", results)
+            gt_file = data[f"{split}_gt_file"]
+            references = (load_coco_references(gt_file) if gt_file else
+                          {image_id: entry["caption"] for image_id, entry in zip(dataset.image_ids, dataset.entries,
+                                                                                 strict=True)})
+            metrics = self.scores(caption_metrics(references, results, meteor=bool(self.config.eval.meteor),
+                                                  spice=bool(self.config.eval.spice)))
+        return dist.broadcast_object(metrics)
+
+    def scores(self, raw: dict[str, float | str]) -> dict[str, float]:
+        """Numeric metrics plus 'score'; a metric that could not be computed is logged with its reason, not made up."""
+        metrics = {key: float(value) for key, value in raw.items() if not isinstance(value, str)}
+        for key, reason in raw.items():
+            if isinstance(reason, str) and not reason.endswith("not requested"):
+                log.warning("caption metric %s: %s", key.removesuffix("_unavailable"), reason)
+        wanted = list(self.config.eval.score_metrics)
+        missing = [name for name in wanted if name not in metrics]
+        if not wanted or missing:
+            raise ValueError(f"eval.score_metrics {wanted}: {missing or 'empty'} not among the computed metrics "
+                             f"{sorted(metrics)}")
+        metrics["score"] = sum(metrics[name] for name in wanted) / len(wanted)
+        return metrics
+
+    def caption_folder(self, model) -> dict[str, float]:
+        data = self.config.data
+        dataset = ImageFolderDataset(data.image_folder, self.transform("test"), int(data.max_image_pixels))
+        loader = self.loader(dataset, train=False, collate_fn=ImageFolderDataset.collate)
+        results = generate_captions(model, self.tokenizer, loader, self.device, self.config.caption.prompt,
+                                    self.settings, id_key="index", seed=int(self.config.seed))
+        if dist.is_main():
+            named = [{"image": dataset.files[item["index"]], "caption": item["caption"]} for item in results]
+            path = self.write_result("captions_folder.json", named)
+            log.info("captioned %d of %d images of %s -> %s", len(named), len(dataset), data.image_folder, path)
+        return {"num_images": float(len(results))}
+
+    def eval_count(self, split: str) -> int:
+        """How many times ``split`` has been evaluated in this run (numbers the result files)."""
+        self.eval_counts[split] = self.eval_counts.get(split, 0) + 1
+        return self.eval_counts[split]
+
+main = main_for(CaptionTask)
+
+if __name__ == "__main__":
+    main()
