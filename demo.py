@@ -60,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         offset += len(entry["caption"])
     print(f"\n[demo] zero-shot retrieval on {len(test)} held-out images / {offset} captions "
           f"(pretraining + evaluation took {time.time() - started:.0f} s)")
-    print(f"{'':8}{'R@1':>8}{'R@5':>8}{'R@10':>8}")
-    for direction, prefix, idx in (("img->txt", "txt_r", 0), ("txt->img", "img_r", 1)):
-        ours = [metrics.get(f"val/{prefix}{k}", metrics.get(f"{prefix}{k}", float("nan"))) for k in (1, 5, 10)]
+    print(f"{'':26}{'R@1':>8}{'R@5':>8}{'R@10':>8}")
+    rows = (("img->txt", "txt_r", 0), ("txt->img", "img_r", 1))
+    for label, prefix in (("ITC + ITM re-rank", ""), ("ITC only", "itc_")):
+        for direction, key, _ in rows:
+            ours = [metrics.get(f"val/{prefix}{key}{k}", float("nan")) for k in (1, 5, 10)]
+            print(f"{direction:8}{label:>18}" + "".join(f"{v:8.1f}" for v in ours))
+    for direction, _, idx in rows:
         chance = [chance_recall(img2txt, offset, k)[idx] for k in (1, 5, 10)]
-        print(f"{direction:8}" + "".join(f"{v:8.1f}" for v in ours) + "   (ours, %)")
-        print(f"{'':8}" + "".join(f"{v:8.1f}" for v in chance) + "   (chance, %)")
+        print(f"{direction:8}{'chance':>18}" + "".join(f"{v:8.1f}" for v in chance))
     try:
         from tasks.demo_gradcam import write_demo_gradcam
 

@@ -53,7 +53,7 @@ import numpy as np
 
 from dataset.tokenizer import build_vocab, split_words, write_vocab
 
-FORMAT_VERSION = 1  # bump when the output changes, so that idempotent runs regenerate old directories
+FORMAT_VERSION = 2  # bump when the output changes (2: VQA count answers are digits, as in VQA v2)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
@@ -395,17 +395,17 @@ def _question(scene: Scene, kind: str, rng: np.random.Generator) -> Question | N
         return Question(f"what shape is {refs[int(rng.integers(len(refs)))]}", obj.shape, "other",
                         "what shape is", tuple(s for s in SHAPES if s != obj.shape))
     if kind == "count":
-        return Question("how many shapes are there", NUMBER_WORDS[n], "number", "how many",
-                        tuple(w for w in NUMBER_WORDS[1:] if w != NUMBER_WORDS[n]))
+        return Question("how many shapes are there", str(n), "number", "how many",
+                        tuple(str(k) for k in range(1, len(NUMBER_WORDS)) if k != n))
     if kind == "count_color":
         colour = obj.colour if rng.random() < 0.5 else colours[int(rng.integers(len(colours)))]
         count = scene.count(lambda o: o.colour == colour)
-        return Question(f"how many {colour} shapes are there", NUMBER_WORDS[count], "number", "how many",
-                        tuple(w for w in NUMBER_WORDS[:3] if w != NUMBER_WORDS[count]))
+        return Question(f"how many {colour} shapes are there", str(count), "number", "how many",
+                        tuple(str(k) for k in range(3) if k != count))
     if kind == "count_shape":
         count = scene.count(lambda o: o.shape == obj.shape)
-        return Question(f"how many {PLURALS[obj.shape]} are there", NUMBER_WORDS[count], "number", "how many",
-                        tuple(w for w in NUMBER_WORDS[:3] if w != NUMBER_WORDS[count]))
+        return Question(f"how many {PLURALS[obj.shape]} are there", str(count), "number", "how many",
+                        tuple(str(k) for k in range(3) if k != count))
     if kind == "where":
         # Neighbouring cells are the plausible annotator mistakes ("left" for "top left").
         near = {_cell_name(c, r) for c in range(3) for r in range(3) if abs(c - obj.col) + abs(r - obj.row) == 1}
@@ -457,7 +457,7 @@ def annotator_answers(question: Question, rng: np.random.Generator) -> list[str]
 def answer_vocabulary() -> list[str]:
     """Every answer a question (or an annotator) can give: the candidate list for answer ranking."""
     cells = {_cell_name(c, r) for c in range(3) for r in range(3)}
-    answers = set(COLOURS) | set(SHAPES) | set(NUMBER_WORDS) | cells | set(SIZES) | {"yes", "no"}
+    answers = set(COLOURS) | set(SHAPES) | {str(k) for k in range(len(NUMBER_WORDS))} | cells | set(SIZES) | {"yes", "no"}
     return sorted(answers)
 
 

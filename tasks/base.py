@@ -34,6 +34,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     "max_tokens": 30,  # token limit of a text, [CLS] included
     "max_image_pixels": DEFAULT_MAX_PIXELS,  # larger images are refused (skipped) instead of exhausting memory
     "max_bad_image_fraction": 0.01,  # above this fraction of unreadable images the run stops with an error
+    # Replaces the task's training transform ("" = ALBEF's: pretrain / train / grounding_train); e.g. "test" (resize
+    # only) for synthetic scenes whose small objects a random crop would cut away from their captions.
+    "train_transform": "",
 }
 
 
@@ -72,6 +75,9 @@ class AlbefTask(Task):
                 "max_bad_image_fraction": float(data.max_bad_image_fraction)}
 
     def transform(self, kind: str):
+        """The image transform of that kind at model.image_res; data.train_transform replaces the training kinds."""
+        if kind != "test" and self.config.data.train_transform:
+            kind = self.config.data.train_transform
         return build_transform(kind, int(self.config.model.image_res))
 
     def image_root(self) -> str | None:

@@ -109,14 +109,19 @@ def two_stage_scores(model: nn.Module, image_embeds: Tensor, image_feats: Tensor
 @torch.no_grad()
 def evaluate_retrieval(model: nn.Module, tokenizer: Any, loader: DataLoader, device: torch.device, k_test: int,
                        max_tokens: int) -> dict[str, float]:
-    """Recall@1/5/10 both ways and their mean on a RetrievalEvalDataset loader (ALBEF's itm_eval numbers)."""
+    """Recall@1/5/10 both ways and their mean on a RetrievalEvalDataset loader (ALBEF's itm_eval numbers), plus the
+    same for the ITC ranking alone (``itc_*``)."""
     dataset = loader.dataset
     inner = unwrap(model)
     text_embeds, text_masks, text_feats = encode_texts(inner, tokenizer, dataset.texts, device, max_tokens)
     image_embeds, image_feats = encode_images(inner, loader, device, len(dataset))
     score_i2t, score_t2i = two_stage_scores(inner, image_embeds, image_feats, text_embeds, text_masks, text_feats,
                                             k_test)
-    return recall_at_k(score_i2t.cpu(), score_t2i.cpu(), dataset.img2txt, dataset.txt2img)
+    metrics = recall_at_k(score_i2t.cpu(), score_t2i.cpu(), dataset.img2txt, dataset.txt2img)
+    # The first stage alone (ITC ranking), reported next to ALBEF's ITM-re-ranked numbers as itc_*.
+    sims = (image_feats @ text_feats.t()).float().cpu()
+    itc = recall_at_k(sims, sims.t(), dataset.img2txt, dataset.txt2img)
+    return {**metrics, **{f"itc_{key}": value for key, value in itc.items()}}
 
 
 def evaluate_retrieval_file(task: AlbefTask, model: nn.Module, ann_file: str, image_root: str | None,

@@ -136,7 +136,7 @@ def test_every_word_is_in_vocab(synthetic_dir: Path):
 
 def test_vqa_answers_and_official_files(synthetic_dir: Path):
     answer_list = _load(synthetic_dir, "answer_list")
-    assert len(answer_list) == len(set(answer_list)) and {"yes", "no", "two", "red", "circle"} <= set(answer_list)
+    assert len(answer_list) == len(set(answer_list)) and {"yes", "no", "2", "red", "circle"} <= set(answer_list)
     train, val = _load(synthetic_dir, "vqa_train"), _load(synthetic_dir, "vqa_val")
     for entry in train + val:
         assert set(entry["answer"]) <= set(answer_list), entry
@@ -276,7 +276,7 @@ def test_cli_and_bad_parameters(tmp_path: Path, capsys):
     main(["--out", str(tmp_path / "cli"), "--num-images", "10", "--image-size", "32", "--seed", "1"])
     assert "10 images" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
-    assert manifest["params"] == {"num_images": 10, "image_size": 32, "seed": 1, "format_version": 1}
+    assert manifest["params"] == {"num_images": 10, "image_size": 32, "seed": 1, "format_version": 2}
     assert cv2.imread(str(tmp_path / "cli" / "images" / "synth_000000000010.jpg")).shape == (32, 32, 3)
     with pytest.raises(ValueError, match="num_images"):
         generate(tmp_path / "bad", num_images=3)
