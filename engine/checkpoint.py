@@ -11,6 +11,7 @@ torch.load(weights_only=True) reads it without executing anything.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -29,6 +30,8 @@ from engine import dist
 log = logging.getLogger("alignfuse")
 
 _ROLLING = re.compile(r"^checkpoint_(\d+)\.pth$")
+TEMP_SUFFIX = ".tmp"
+_TEMP = re.compile(r"^\.checkpoint_.*\.tmp$")  # save_checkpoint's and link_or_copy's temp files
 
 
 def rolling_name(step: int) -> str:
@@ -48,21 +51,58 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError behind `err`: torch.save reports a failed write (ENOSPC) as a RuntimeError whose context it is."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_error(path: Path, err: BaseException) -> OSError:
+    """A clear error for a checkpoint that could not be written, keeping the errno (ENOSPC, EACCES...) when known."""
+    cause = _os_error_behind(err)
+    reason = (cause.strerror or str(cause)) if cause is not None else (str(err).strip().splitlines() or ["?"])[0]
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on that filesystem"
+    except OSError:
+        free = ""
+    message = (
+        f"could not write checkpoint {path}: {reason}{free}. Nothing was written under that name and the earlier "
+        f"checkpoints in {path.parent} are intact: free space or fix permissions, then restart with --resume auto"
+    )
+    return OSError(cause.errno if cause is not None and cause.errno else errno.EIO, message)
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically (temp file in the same dir, fsync, rename). Only rank 0 writes."""
+    """Write `state` to `path` atomically (temp file in the same dir, fsync, rename). Only rank 0 writes.
+
+    A failed write (disk full, no permission) removes the temp file and raises OSError naming `path`; whatever was
+    under `path` before is untouched. A process killed mid-write leaves only a `.<name>.*.tmp` file, which
+    `list_rolling` ignores and `remove_temp_files` deletes.
+    """
     if not dist.is_main():
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save turns a failed write into RuntimeError('unexpected pos')
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, err) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
@@ -71,13 +111,31 @@ def link_or_copy(src: Path, dst: Path) -> None:
     """Make `dst` the same content as `src` atomically: a hard link when the filesystem allows, else a copy."""
     if not dist.is_main():
         return
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp = dst.with_name(f".{dst.name}.link{TEMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(dst, err) from err
+
+
+def remove_temp_files(output_dir: str | Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that never finished (a process killed mid-save); returns them."""
+    output_dir = Path(output_dir)
+    if not dist.is_main() or not output_dir.is_dir():
+        return []
+    stale = [p for p in output_dir.iterdir() if _TEMP.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.warning("removed %d unfinished checkpoint temp file(s) of an interrupted save: %s", len(stale),
+                    ", ".join(p.name for p in stale))
+    return stale
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.constructor import ConstructorError
+from ruamel.yaml.error import YAMLError
 
 # Engine keys: the one home of their defaults. Units are in the names.
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -43,7 +45,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "loss_weights": {},  # open: loss name -> weight in the summed loss (default 1)
         "find_unused_parameters": False,  # DDP option, for models with branches unused in some steps
         "static_graph": False,  # DDP option, for a graph that is the same every step
-        "dist_timeout_s": 1800,  # timeout of collective operations
+        "dist_timeout_s": 1800,  # how long a rank waits at start-up or in a collective before failing (dead/hung peer)
     },
     "deepspeed": {
         "enabled": False,  # train through deepspeed.initialize instead of DDP
@@ -110,14 +112,31 @@ def _unwrap(value: Any) -> Any:
 
 
 def _yaml() -> YAML:
+    """The safe loader: plain data only. Tags that construct objects (!!python/object...) are errors, never run."""
     return YAML(typ="safe")
+
+
+def _safe_load(stream: Any, source: str) -> Any:
+    """YAML data from `stream`, with a ValueError naming `source` and the line for invalid or unsafe YAML."""
+    try:
+        return _yaml().load(stream)
+    except ConstructorError as err:
+        mark = err.problem_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        raise ValueError(
+            f"{source}:{where} {err.problem}. Configs hold plain data only (mappings, lists, strings, numbers, "
+            "booleans, null): they are read with a safe YAML loader and tags that build Python objects are refused, "
+            "not executed"
+        ) from None
+    except YAMLError as err:
+        raise ValueError(f"{source}: not valid YAML: {err}") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
-        data = _yaml().load(f)
+        data = _safe_load(f, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -233,7 +252,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ValueError(f"--opts: empty key in {item!r}")
-    value = _yaml().load(io.StringIO(raw)) if raw.strip() else ""
+    value = _safe_load(io.StringIO(raw), f"--opts {item}") if raw.strip() else ""
     return key, value
 
 

@@ -67,6 +67,10 @@ def init_distributed(device_pref: str = "auto", timeout_s: float = 1800) -> torc
     """Join the process group described by the launcher environment (if any) and return this process's device.
 
     nccl on CUDA, gloo on CPU. A single process without launcher variables gets no process group.
+    `timeout_s` (train.dist_timeout_s) bounds the rendezvous and every collective, so a rank that dies or hangs
+    makes the others fail instead of waiting forever: gloo raises on the surviving ranks (at once when the peer's
+    connection drops, after `timeout_s` when it hangs), which the trainer turns into a `PeerFailure`; NCCL's watchdog
+    aborts the communicator and ends the process after `timeout_s` (TORCH_NCCL_ASYNC_ERROR_HANDLING=3).
     """
     launched = _launcher_env()
     local_rank = get_local_rank()
@@ -78,15 +82,59 @@ def init_distributed(device_pref: str = "auto", timeout_s: float = 1800) -> torc
     rank, world_size = launched
     if world_size <= 1:
         return device
+    # torch's default since 2.2, made explicit (a user's own setting wins): on a collective timeout or a NCCL error
+    # the watchdog tears the process down, so the launcher sees a failure instead of a rank blocked forever.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    timeout = datetime.timedelta(seconds=timeout_s)
     torch_dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
-        init_method="env://",
+        store=_restart_store(world_size, timeout),
+        init_method=None if _uses_agent_store() else "env://",
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
     return device
+
+
+def _uses_agent_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _restart_store(world_size: int, timeout: datetime.timedelta) -> torch_dist.Store | None:
+    """Under torchrun's static rendezvous (--master_addr/--master_port, as run.sh launches), a store with a key prefix
+    per restart attempt; None elsewhere (plain env:// rendezvous).
+
+    That rendezvous keeps one TCPStore, hosted by the agent, across `--max-restarts` restarts, so without a prefix the
+    restarted ranks read the dead ranks' connection keys and the restart fails ("Connection refused") instead of
+    resuming with --resume auto.
+    """
+    if not _uses_agent_store():
+        return None
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return torch_dist.PrefixStore(f"alignfuse_attempt{attempt}/", store)
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed on this rank because another rank died, hung past the timeout or lost its connection."""
+
+
+# Words in the RuntimeErrors the gloo / NCCL backends raise when a peer is gone or a collective timed out (gloo's
+# messages carry their source path, e.g. "gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms").
+_PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether `err`, raised in a process group, comes from the communication layer rather than from the task."""
+    if not is_dist():
+        return False
+    if isinstance(err, torch_dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
 
 
 def destroy() -> None:

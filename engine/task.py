@@ -19,6 +19,22 @@ from engine.config import Config
 log = logging.getLogger("alignfuse")
 
 
+def output_path(output_dir: str | Path, name: str) -> Path:
+    """``output_dir / name``, refusing a name that would write outside output_dir (with a ValueError naming it).
+
+    Checked on the resolved path (symlinks followed, ``..`` collapsed), so ``../x``, ``/etc/x``, ``a/../../x`` and a
+    link inside output_dir that points elsewhere are all refused; sub-folders such as ``results/x.json`` are fine.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"result file name {name!r}: expected a non-empty relative path inside output_dir")
+    root = Path(output_dir).resolve()
+    path = (root / name).resolve()
+    if Path(name).is_absolute() or path == root or not path.is_relative_to(root):
+        raise ValueError(f"result file name {name!r} would write outside output_dir {root} (resolved to {path}): "
+                         "result names must be relative paths inside the run's output folder")
+    return path
+
+
 @dataclass
 class Progress:
     """Where training stands when train_step is called."""
@@ -80,10 +96,15 @@ class Task(abc.ABC):
             log.info("unexpected keys: %s", result.unexpected_keys)
 
     def write_result(self, name: str, data: Any) -> Path:
-        """Write ``data`` as JSON to ``name`` in the run's output folder (call it on the main rank only)."""
+        """Write ``data`` as JSON to ``name`` in the run's output folder (call it on the main rank only).
+
+        ``name`` may come from a config or an annotation file, so it must stay inside the output folder: an absolute
+        path, ``..`` or a symlink that leads out is refused with a ValueError (see `output_path`).
+        """
         if self.output_dir is None:
             raise RuntimeError(f"{type(self).__name__}.output_dir is not set: result files need a run's output folder")
-        path = Path(self.output_dir) / name
+        path = output_path(self.output_dir, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data), encoding="utf-8")
         return path
 

@@ -7,7 +7,10 @@ What the engine owns, so that tasks only return named losses and metrics:
   gradient clipping, optimizer and scheduler steps (the scheduler is stepped once per optimizer step), EMA weights,
   DDP / torch.compile / DeepSpeed;
 - evaluation cadence (every N epochs, N chunks per epoch, every N steps), best / last / rolling checkpoints,
-  early stopping, resume (exact, including RNG and the position inside the epoch), SIGTERM/SIGINT checkpointing.
+  early stopping, resume (exact, including RNG and the position inside the epoch), SIGTERM/SIGINT checkpointing;
+- failures of the job around the task: a collective that fails because another rank died or hung (bounded by
+  train.dist_timeout_s) is re-raised as dist.PeerFailure naming the step and the way back (--resume auto); a
+  checkpoint write that fails (disk full) raises OSError on every rank at that save, the earlier files untouched.
 
 Non-finite policy: once per optimizer step, after the backward of its last micro-batch, the engine checks (one host
 sync) that the summed loss of the step and the global gradient norm are finite. With fp16, inf/nan gradients under a
@@ -31,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -338,19 +341,39 @@ class Trainer:
         position = (self.step, self.epoch, self.iter_in_epoch, self.last_eval_step)
         if position == self._last_saved:
             return
-        self._last_saved = position
         state = self.state_dict()
         path = self.output_dir / ckpt.rolling_name(self.step)
         if self.ds_engine is not None:
             tag = f"step{self.step:08d}_e{self.epoch}_i{self.iter_in_epoch}"
             self.ds_engine.save_checkpoint(str(self.output_dir / "deepspeed"), tag=tag)  # collective
             state["deepspeed_tag"] = tag
-        ckpt.save_checkpoint(path, state)
-        ckpt.link_or_copy(path, self.output_dir / "checkpoint_last.pth")
-        ckpt.prune_rolling(self.output_dir, int(self.tcfg.keep_last_ckpts))
-        if self.ds_engine is not None:
-            ckpt.prune_deepspeed_tags(self.output_dir / "deepspeed", int(self.tcfg.keep_last_ckpts))
-        dist.barrier()
+
+        def write() -> None:
+            ckpt.save_checkpoint(path, state)
+            ckpt.link_or_copy(path, self.output_dir / "checkpoint_last.pth")
+            ckpt.prune_rolling(self.output_dir, int(self.tcfg.keep_last_ckpts))
+            if self.ds_engine is not None:
+                ckpt.prune_deepspeed_tags(self.output_dir / "deepspeed", int(self.tcfg.keep_last_ckpts))
+
+        self._write_on_main(write)
+        self._last_saved = position
+
+    def _write_on_main(self, write: Callable[[], None]) -> None:
+        """Run rank 0's checkpoint writes, then share the outcome with every rank (this is also their barrier).
+
+        A failed write (disk full, permissions) raises the OSError on rank 0 and an OSError quoting it on the other
+        ranks, so the whole job stops at the failing save instead of the others waiting in their next collective.
+        """
+        error: OSError | None = None
+        try:
+            write()
+        except OSError as err:
+            error = err
+        message = dist.broadcast_object(str(error) if error is not None else None)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise OSError(f"rank 0 failed to write a checkpoint: {message}")
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_model(self) -> nn.Module:
@@ -402,7 +425,8 @@ class Trainer:
         if improved:
             self.best_value = value
             self.evals_without_improvement = 0
-            ckpt.save_checkpoint(self.output_dir / "checkpoint_best.pth", self.state_dict(full=False))
+            state = self.state_dict(full=False)
+            self._write_on_main(lambda: ckpt.save_checkpoint(self.output_dir / "checkpoint_best.pth", state))
             self.log.info("new best %s = %.6g at step %d", self.best_metric_key, value, self.step)
         else:
             self.evals_without_improvement += 1
@@ -661,13 +685,31 @@ class Trainer:
             if resume is not None:
                 self.model.load_state_dict(resume[1]["model"])
             return self.evaluate()
+        ckpt.remove_temp_files(self.output_dir)  # leftovers of a save killed mid-write (training owns output_dir)
         self._setup_training(resume)
         self.stop_signal.install()
         try:
             self.train()
+        except Exception as err:
+            if dist.is_peer_failure(err):
+                raise self._peer_failure(err) from err
+            raise
         finally:
             self.stop_signal.restore()
         return dict(self.last_metrics)
+
+    def _peer_failure(self, err: BaseException) -> dist.PeerFailure:
+        """The error a surviving rank exits with when a collective failed (a rank died, hung or was cut off)."""
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = (
+            f"rank {self.rank} of {self.world}: a collective operation failed at step {self.step} (epoch {self.epoch},"
+            f" iter {self.iter_in_epoch}): another rank has most likely died, hung or lost its connection "
+            f"(collectives wait at most train.dist_timeout_s={float(self.tcfg.dist_timeout_s):g} s). The other "
+            f"ranks' logs hold the root cause; resumable checkpoints are in {self.output_dir}: restart the job with "
+            f"--resume auto. Cause: {cause}"
+        )
+        self.log.warning("%s", message)
+        return dist.PeerFailure(message)
 
     def close(self) -> None:
         self.log.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,11 @@ class ToyTask(Task):
             "nan_at_calls": [],  # 1-based train_step calls whose loss is NaN
             "sigterm_at_step": -1,  # send SIGTERM to this process when train_step sees this global step
             "constant_metric": False,  # evaluate() returns a constant (never improves) - for early stopping
+            # Distributed fault injection: rank fail_rank fails when train_step sees global step fail_at_step, in the
+            # first attempt of a job only (a torchrun restart, TORCHELASTIC_RESTART_COUNT > 0, runs clean).
+            "fail_rank": -1,
+            "fail_at_step": -1,
+            "fail_mode": "exit",  # exit (the process dies: os._exit(1)) | hang (it stops answering collectives)
         }
     }
     best_metric = "loss"
@@ -87,6 +93,9 @@ class ToyTask(Task):
         if progress.global_step == cfg.sigterm_at_step and not self.signalled:
             self.signalled = True
             os.kill(os.getpid(), signal.SIGTERM)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if progress.global_step == cfg.fail_at_step and engine.dist.get_rank() == cfg.fail_rank and first_attempt:
+            self.fail(cfg.fail_mode)
         x, y = (t.to(self.device) for t in batch)  # (B, 4), (B, 2)
         if cfg.noise_std > 0:
             x = x + cfg.noise_std * torch.randn_like(x)
@@ -95,6 +104,17 @@ class ToyTask(Task):
         if self.calls in cfg.nan_at_calls:
             mse = mse * float("nan")
         return {"mse": mse, "l1": (pred - y).abs().mean()}
+
+    @staticmethod
+    def fail(mode: str) -> None:
+        """Simulate a lost rank: a crash that skips all cleanup, or a process stuck outside any collective."""
+        print(f"toy: rank {engine.dist.get_rank()} fails ({mode})", file=sys.stderr, flush=True)
+        if mode == "exit":
+            os._exit(1)
+        if mode != "hang":
+            raise ValueError(f"toy.fail_mode must be exit or hang, got {mode!r}")
+        while True:  # ignores SIGTERM too (the engine's handler only sets a flag), like a rank stuck in a kernel
+            time.sleep(1)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
