@@ -16,6 +16,9 @@ from tqdm import tqdm
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+PROJECT_PACKAGES = ("dataset", "models", "tasks", "optim", "scheduler", "metrics", "refTools", "vqaTools")
+
+
 class RunLogger:
     """One run's log sinks. Use `info`/`warning` for text, `log_record` for numbers, `close` at the end."""
 
@@ -38,8 +41,15 @@ class RunLogger:
             file_handler.setFormatter(fmt)
             self._handlers.append(file_handler)
             self._jsonl = open(self.output_dir / "log.jsonl", "a", encoding="utf-8")
-        for handler in self._handlers:
-            self.logger.addHandler(handler)
+        # The project's other packages log through their module loggers (e.g. a skipped image in dataset.datasets):
+        # they go to the same sinks, so log.txt holds every warning of the run.
+        self._loggers = [self.logger] + [logging.getLogger(name) for name in PROJECT_PACKAGES]
+        for logger in self._loggers[1:]:
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+        for logger in self._loggers:
+            for handler in self._handlers:
+                logger.addHandler(handler)
         self._bar: tqdm | None = None
 
     def info(self, msg: str, *args: Any) -> None:
@@ -91,7 +101,8 @@ class RunLogger:
     def close(self) -> None:
         self.close_bar()
         for handler in self._handlers:
-            self.logger.removeHandler(handler)
+            for logger in self._loggers:
+                logger.removeHandler(handler)
             handler.close()
         self._handlers = []
         if self._jsonl is not None:

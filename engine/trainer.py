@@ -167,6 +167,7 @@ class Trainer:
         self.last_eval_step = -1
         self.last_metrics: dict[str, float] = {}
         self.consecutive_skips = 0
+        self.skipped_images = 0  # unreadable images replaced this epoch (this rank)
         self.stop_reason: str | None = None
         self._last_saved: tuple[int, int, int, int] | None = None
 
@@ -583,6 +584,17 @@ class Trainer:
         sums.clear()
         counts[:] = [0, 0]
 
+    def _report_skipped_images(self, epoch: int) -> None:
+        """Log, once per epoch, how many unreadable images the datasets skipped on all ranks (each replaced by another
+        sample, so batches stayed full); logged as train/skipped_images too."""
+        local = torch.tensor([float(self.skipped_images)], device=self.device)
+        total = int(round(float(dist.all_reduce_mean(local)) * self.world))
+        self.skipped_images = 0
+        if total:
+            self.log.info("epoch %d: %d unreadable image(s) skipped and replaced by other samples (see the warnings "
+                          "naming them)", epoch, total)
+        self.log.log_record({"epoch": epoch + 1, "train/skipped_images": total}, self.step)
+
     def train(self) -> None:
         """The loop over epochs and optimizer steps; see the module docstring for the policies."""
         tcfg = self.tcfg
@@ -614,6 +626,8 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         self.stop_reason = f"{self.stop_signal.requested} (data loader stopped)"
                         break
+                    if isinstance(batch, dict):  # datasets count the unreadable images they replaced (an int)
+                        self.skipped_images += int(batch.get("num_skipped", 0))
                     progress = Progress(self.epoch, done + m, self.iters_per_epoch, self.step, self.total_steps)
                     for name, value in self._micro_step(batch, progress, m == group - 1, group).items():
                         step_losses[name] = step_losses[name] + value if name in step_losses else value
@@ -643,6 +657,7 @@ class Trainer:
                 group_index = math.ceil(done / self.accum)
                 finished_epoch = self.epoch
                 if done == self.iters_per_epoch:
+                    self._report_skipped_images(finished_epoch)
                     self.task.on_epoch_end(finished_epoch)
                     self.epoch += 1
                     self.iter_in_epoch = 0

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MASK_VALUE = -10000.0  # ALBEF / BERT additive mask value; kept for numerical parity with official checkpoints
 
 
@@ -64,8 +65,11 @@ class BertConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> BertConfig:
         path = Path(path)
+        if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+            path = REPO_ROOT / path  # configs name it relative to the repository (configs/config_bert.json)
         if not path.is_file():
-            raise FileNotFoundError(f"BERT config file not found: {path}")
+            raise FileNotFoundError(f"BERT config file not found: {path} (relative paths are tried from the current "
+                                    f"directory, then from {REPO_ROOT})")
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
