@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(REPO / "data" / "demo"), help="synthetic data folder (made if missing)")
     parser.add_argument("--output_dir", default=str(REPO / "output" / "demo"))
     parser.add_argument("--num-images", type=int, default=1500)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--opts", nargs="*", default=[], help="extra config overrides, key=value")
     args = parser.parse_args(argv)
 

@@ -19,7 +19,7 @@ from optim.options import merge_block
 
 # The ``optimizer:`` config block. This is the one home of these keys; the engine merges it into the config schema.
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
-    # 'adamw' is torch's AdamW (fused on CUDA); any other name is built by timm.optim.create_optimizer_v2
+    # 'adamw' is torch's AdamW (fused on CUDA and CPU); any other name is built by timm.optim.create_optimizer_v2
     # (sgd, lamb, lion, adafactor, ...).
     "name": "adamw",
     # Base learning rate: the lr of parameters without a multiplier; schedulers scale it per step.
@@ -147,7 +147,9 @@ def create_optimizer(cfg_optimizer: Mapping[str, Any] | None, model: nn.Module) 
     if name == "adamw":
         params = [param for group in groups for param in group["params"]]
         if fused is None:
-            fused = all(param.is_cuda and param.is_floating_point() for param in params)
+            # torch has fused AdamW kernels for CUDA and CPU: one pass over the state, no parameter-sized temporaries
+            # (measured on the base pretrain step, 2 CPU threads: 8.1 s vs 8.9 s foreach; benchmarks/README.md).
+            fused = all(param.device.type in ("cuda", "cpu") and param.is_floating_point() for param in params)
         return torch.optim.AdamW(
             groups,
             lr=lr,
