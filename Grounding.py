@@ -14,8 +14,6 @@ predictions gathered in memory. The official refcoco.pth loads with its key name
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -23,10 +21,13 @@ from dataset.datasets import GroundingDataset
 from engine import dist, main_for
 from models.gradcam import compute_gradcam
 from refTools import REFER, grounding_accuracy, load_dets, predict_boxes
-from tasks.base import AlbefTask, task_defaults, unwrap
+from tasks.base import task_defaults, unwrap
+from tasks.itc_itm import ItcItmTask
 
 
-class GroundingTask(AlbefTask):
+class GroundingTask(ItcItmTask):
+    """ITC + ITM fine-tuning on referring expressions; Grad-CAM evaluation."""
+
     name = "grounding"
     model_task = "grounding"
     config_defaults = task_defaults(
@@ -54,23 +55,10 @@ class GroundingTask(AlbefTask):
         self._dets: dict[int, torch.Tensor] | None = None
 
     def build_train_loader(self):
-        data = self.config.data
-        if not data.train_file:
-            raise ValueError("data.train_file is empty: give the grounding annotation files [{image, text, ref_id}]")
-        dataset = GroundingDataset(list(data.train_file), self.transform("grounding_train"), self.image_root(),
-                                   max_words=int(data.max_words), train=True, **self.dataset_options())
-        return self.loader(dataset, train=True)
-
-    def train_step(self, model, batch: dict[str, Any], progress) -> dict[str, Any]:
-        batch = self.to_device(batch)
-        return model(batch["image"], batch["text_ids"], batch["text_mask"], idx=batch["image_idx"],
-                     alpha=self.alpha(progress))
+        return self.train_loader_for(GroundingDataset, "grounding_train", "grounding ([{image, text, ref_id}])",
+                                     train=True)
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
-    def eval_splits(self) -> list[str]:
-        data = self.config.data
-        return [split for split, path in (("val", data.val_file), ("test", data.test_file)) if path]
-
     def refer_and_dets(self) -> tuple[REFER, dict[int, torch.Tensor]]:
         """The REFER index and the proposals, read once per run."""
         data = self.config.data

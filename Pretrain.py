@@ -29,12 +29,7 @@ class PretrainTask(AlbefTask):
     best_metric = "r_mean"
 
     def build_train_loader(self):
-        data = self.config.data
-        if not data.train_file:
-            raise ValueError("data.train_file is empty: give the pretraining annotation files")
-        dataset = PretrainDataset(list(data.train_file), self.transform("pretrain"), self.image_root(),
-                                  max_words=int(data.max_words), **self.dataset_options())
-        return self.loader(dataset, train=True)
+        return self.train_loader_for(PretrainDataset, "pretrain", "pretraining")
 
     def train_step(self, model, batch: dict[str, Any], progress) -> dict[str, Any]:
         batch = self.to_device(batch)

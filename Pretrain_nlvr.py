@@ -34,12 +34,7 @@ class PretrainNLVRTask(AlbefTask):
     best_metric = "acc"
 
     def build_train_loader(self) -> DataLoader:
-        data = self.config.data
-        if not data.train_file:
-            raise ValueError("data.train_file is empty: give the pretraining annotation files")
-        dataset = PretrainDataset(list(data.train_file), self.transform("pretrain"), self.image_root(),
-                                  max_words=int(data.max_words), **self.dataset_options())
-        return self.loader(dataset, train=True)
+        return self.train_loader_for(PretrainDataset, "pretrain", "pretraining")
 
     def train_step(self, model: nn.Module, batch: dict[str, Any], progress: Progress) -> dict[str, Tensor]:
         batch = self.to_device(batch)

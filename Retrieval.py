@@ -10,18 +10,17 @@ is kept by val r_mean. ``--evaluate`` with a pretraining checkpoint gives zero-s
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from dataset.datasets import RetrievalTrainDataset
-from engine import Progress, main_for
-from tasks.base import AlbefTask, task_defaults
+from engine import main_for
+from tasks.base import task_defaults
+from tasks.itc_itm import ItcItmTask
 from tasks.retrieval_eval import evaluate_retrieval_file
 
 
-class RetrievalTask(AlbefTask):
+class RetrievalTask(ItcItmTask):
     name = "retrieval"
     model_task = "retrieval"
     config_defaults = task_defaults(
@@ -37,22 +36,8 @@ class RetrievalTask(AlbefTask):
     best_metric = "r_mean"
 
     def build_train_loader(self) -> DataLoader:
-        data = self.config.data
-        if not data.train_file:
-            raise ValueError("data.train_file is empty: give the retrieval training files [{image, caption, "
-                             "image_id}]")
-        dataset = RetrievalTrainDataset(list(data.train_file), self.transform("train"), self.image_root(),
-                                        max_words=int(data.max_words), **self.dataset_options())
-        return self.loader(dataset, train=True)
-
-    def train_step(self, model: nn.Module, batch: dict[str, Any], progress: Progress) -> dict[str, Tensor]:
-        batch = self.to_device(batch)
-        return model(batch["image"], batch["text_ids"], batch["text_mask"], idx=batch["image_idx"],
-                     alpha=self.alpha(progress))
-
-    def eval_splits(self) -> list[str]:
-        data = self.config.data
-        return [split for split, path in (("val", data.val_file), ("test", data.test_file)) if path]
+        return self.train_loader_for(RetrievalTrainDataset, "train",
+                                     "retrieval training ([{image, caption, image_id}])")
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         return evaluate_retrieval_file(self, model, self.config.data[f"{split}_file"], self.image_root(),

@@ -69,6 +69,19 @@ def read_state_dict(src: str | Path | dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(state)
 
 
+QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+
+
+def _drop_mismatched_queues(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """The ITC queues are negatives collected during training, not weights: a checkpoint whose queues have another
+    length (another model.queue_size) leaves the model's fresh queues in place instead of failing."""
+    own = model.state_dict()
+    if all(key not in state or key not in own or state[key].shape == own[key].shape for key in QUEUE_KEYS):
+        return state
+    log.info("checkpoint queues have another size than model.queue_size: starting with fresh queues")
+    return {key: value for key, value in state.items() if key not in QUEUE_KEYS}
+
+
 def load_checkpoint(model: nn.Module, src: str | Path | dict[str, Tensor], strict: bool = False
                     ) -> tuple[list[str], list[str]]:
     """Load weights through ``model.checkpoint_filter_fn`` (documented key surgery, pos_embed resampling).
@@ -77,6 +90,7 @@ def load_checkpoint(model: nn.Module, src: str | Path | dict[str, Tensor], stric
     filter_fn = getattr(model, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
+    state = _drop_mismatched_queues(state, model)
     result = model.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if strict and (missing or unexpected):

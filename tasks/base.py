@@ -83,6 +83,16 @@ class AlbefTask(Task):
     def image_root(self) -> str | None:
         return self.config.data.image_root or None
 
+    def train_loader_for(self, dataset_cls: type, transform_kind: str, what: str, **options: Any) -> DataLoader:
+        """The training loader over ``data.train_file`` read as ``dataset_cls`` (``what`` names the expected files in
+        the error when none are given)."""
+        data = self.config.data
+        if not data.train_file:
+            raise ValueError(f"data.train_file is empty: give the {what} annotation files")
+        dataset = dataset_cls(list(data.train_file), self.transform(transform_kind), self.image_root(),
+                              max_words=int(data.max_words), **options, **self.dataset_options())
+        return self.loader(dataset, train=True)
+
     def loader(self, dataset: Dataset, train: bool, collate_fn: Any = None) -> DataLoader:
         data = self.config.data
         collate_fn = collate_fn or dataset.make_collator(self.tokenizer, int(data.max_tokens))

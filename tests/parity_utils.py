@@ -46,3 +46,30 @@ def build_reference_model(task: str, ref: dict, tmp_path: Path, **cfg_changes) -
     model = create_model(task, cfg, special=reference_special(ref))
     load_checkpoint(model, ref["state_dict"], strict=True)
     return model
+
+
+ATOL, RTOL = 1e-5, 1e-4  # the fixtures' suggested tolerance on hidden states and logits
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+@torch.no_grad()
+def check_encoders(model: torch.nn.Module, ref: dict, image: torch.Tensor, ids: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs every ITC/ITM model shares (encoders, features, similarities, positive-pair fusion and ITM logits)
+    against the reference; returns (image_embeds, text_embeds)."""
+    image_embeds = model.encode_image(image)
+    close(image_embeds, ref["outputs.image_embeds"])
+    image_feat = model.image_feat(image_embeds)
+    close(image_feat, ref["outputs.image_feat"])
+    text_embeds = model.encode_text(ids, mask)
+    close(text_embeds, ref["outputs.text_embeds"])
+    text_feat = model.text_feat(text_embeds)
+    close(text_feat, ref["outputs.text_feat"])
+    close(image_feat @ text_feat.T / model.temp, ref["outputs.sim_i2t"])
+    fused = model.fuse(text_embeds, mask, image_embeds)
+    close(fused, ref["outputs.fusion_last_hidden_state_pos"])
+    close(model.itm_head(fused[:, 0, :]), ref["outputs.itm_logits_pos"])
+    return image_embeds, text_embeds

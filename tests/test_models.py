@@ -253,3 +253,12 @@ def test_pretrain_checkpoint_feeds_every_task_model(tmp_path):
         model = create_model(task, tiny_cfg(tmp_path), special=SPECIAL)
         missing, _ = load_checkpoint(model, pretrain)
         assert {re.sub(r"\..*", "", k) for k in missing} == new_heads, (task, missing[:5])
+
+
+def test_checkpoint_with_another_queue_size_loads_with_fresh_queues(tmp_path):
+    pretrain = create_model("pretrain", tiny_cfg(tmp_path, queue_size=16), special=SPECIAL).state_dict()
+    model = create_model("retrieval", tiny_cfg(tmp_path, queue_size=32), special=SPECIAL)
+    missing, _ = load_checkpoint(model, pretrain)
+    assert model.image_queue.shape == (16, 32) and int(model.queue_ptr) == 0
+    assert {"image_queue", "text_queue", "queue_ptr", "idx_queue"} <= set(missing)
+    torch.testing.assert_close(model.visual_encoder.cls_token, pretrain["visual_encoder.cls_token"])

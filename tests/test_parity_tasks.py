@@ -6,32 +6,15 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import load_reference
-from tests.parity_utils import build_reference_model
-
-ATOL, RTOL = 1e-5, 1e-4
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+from tests.parity_utils import build_reference_model, check_encoders, close
 
 
 def test_retrieval_outputs_and_losses(reference_dir, tmp_path):
     ref = load_reference(reference_dir, "retrieval_micro.pt")
     model = build_reference_model("retrieval", ref, tmp_path).eval()
     image, ids, mask = ref["image"], ref["text.input_ids"], ref["text.attention_mask"]
+    image_embeds, text_embeds = check_encoders(model, ref, image, ids, mask)
     with torch.no_grad():
-        image_embeds = model.encode_image(image)
-        close(image_embeds, ref["outputs.image_embeds"])
-        image_feat = model.image_feat(image_embeds)
-        close(image_feat, ref["outputs.image_feat"])
-        text_embeds = model.encode_text(ids, mask)
-        close(text_embeds, ref["outputs.text_embeds"])
-        text_feat = model.text_feat(text_embeds)
-        close(text_feat, ref["outputs.text_feat"])
-        close(image_feat @ text_feat.T / model.temp, ref["outputs.sim_i2t"])
-        fused = model.fuse(text_embeds, mask, image_embeds)
-        close(fused, ref["outputs.fusion_last_hidden_state_pos"])
-        close(model.itm_head(fused[:, 0, :]), ref["outputs.itm_logits_pos"])
         n = image.shape[0]
         pairs = model.itm_head(model.fuse(text_embeds.repeat(n, 1, 1), mask.repeat(n, 1),
                                           image_embeds.repeat_interleave(n, 0))[:, 0, :])
