@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import signal
 import sys
@@ -115,6 +116,33 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _hold_scalar_params_as_vectors(model: nn.Module) -> None:
+    """DeepSpeed cannot broadcast or flatten 0-dim parameters (ALBEF's ``temp``): hold them as 1-element tensors while
+    DeepSpeed owns the model (they broadcast the same in every use), and keep their own shape in state_dicts so that
+    checkpoints stay interchangeable with non-DeepSpeed runs and official files."""
+    names = [name for name, param in model.named_parameters() if param.dim() == 0]
+    if not names:
+        return
+    for name in names:
+        param = model.get_parameter(name)
+        param.data = param.data.reshape(1)
+
+    def to_scalars(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for name in names:
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape == (1,):
+                state_dict[key] = state_dict[key].reshape(())
+
+    def from_scalars(state_dict: dict, prefix: str, *args: Any) -> None:
+        for name in names:
+            key = prefix + name
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+
+    model._register_state_dict_hook(to_scalars)
+    model._register_load_state_dict_pre_hook(from_scalars)
 
 
 class Trainer:
@@ -256,7 +284,11 @@ class Trainer:
 
     def _setup_deepspeed(self, resume: tuple[Path, dict[str, Any]] | None) -> None:
         """deepspeed.initialize with our optimizer and scheduler; DeepSpeed owns accumulation, clipping and fp16."""
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (set before its import)
         import deepspeed
+
+        _hold_scalar_params_as_vectors(self.model)
 
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": int(self.loader.batch_size),
