@@ -83,12 +83,16 @@ class ImageTextDataset(Dataset, abc.ABC):
         ann_files: AnnotationFiles,
         transform: ImageTransform,
         image_root: PathLike | None = None,
+        max_words: int = 30,
         *,
+        train: bool | None = None,
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bad_image_fraction: float = 0.01,
         min_image_attempts: int = 100,
     ):
+        """``max_words``: texts are cut to that many words; ``train``: replace broken images by other samples (True)
+        or keep the item with a placeholder image (False, evaluation); None keeps the class's default."""
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
         if not 0.0 <= max_bad_image_fraction <= 1.0:
@@ -101,6 +105,9 @@ class ImageTextDataset(Dataset, abc.ABC):
         self.max_pixels = max_pixels
         self.max_bad_image_fraction = max_bad_image_fraction
         self.min_image_attempts = min_image_attempts
+        self.max_words = max_words
+        if train is not None:
+            self.replace_broken = train
         # Counters of this instance (each DataLoader worker holds its own copy).
         self.image_attempts = 0
         self.broken_images = 0
@@ -177,11 +184,6 @@ class PretrainDataset(ImageTextDataset):
 
     kind = "pretrain"
 
-    def __init__(self, ann_files: AnnotationFiles, transform: ImageTransform, image_root: PathLike | None = None,
-                 max_words: int = 30, **options: Any):
-        super().__init__(ann_files, transform, image_root, **options)
-        self.max_words = max_words
-
     def _make_item(self, index, rng, broken):
         entry = self.entries[index]
         caption = entry["caption"]
@@ -255,12 +257,6 @@ class VEDataset(ImageTextDataset):
 
     kind = "ve"
 
-    def __init__(self, ann_files: AnnotationFiles, transform: ImageTransform, image_root: PathLike | None = None,
-                 max_words: int = 30, train: bool = True, **options: Any):
-        super().__init__(ann_files, transform, image_root, **options)
-        self.max_words = max_words
-        self.replace_broken = train
-
     def _make_item(self, index, rng, broken):
         entry = self.entries[index]
         image = self._load_image(self.image_path(_with_default_suffix(entry["image"])), rng, broken)
@@ -273,12 +269,6 @@ class NLVRDataset(ImageTextDataset):
     index."""
 
     kind = "nlvr"
-
-    def __init__(self, ann_files: AnnotationFiles, transform: ImageTransform, image_root: PathLike | None = None,
-                 max_words: int = 30, train: bool = True, **options: Any):
-        super().__init__(ann_files, transform, image_root, **options)
-        self.max_words = max_words
-        self.replace_broken = train
 
     def _make_item(self, index, rng, broken):
         entry = self.entries[index]

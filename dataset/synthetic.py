@@ -457,7 +457,8 @@ def annotator_answers(question: Question, rng: np.random.Generator) -> list[str]
 def answer_vocabulary() -> list[str]:
     """Every answer a question (or an annotator) can give: the candidate list for answer ranking."""
     cells = {_cell_name(c, r) for c in range(3) for r in range(3)}
-    answers = set(COLOURS) | set(SHAPES) | {str(k) for k in range(len(NUMBER_WORDS))} | cells | set(SIZES) | {"yes", "no"}
+    counts = {str(k) for k in range(len(NUMBER_WORDS))}  # VQA v2 annotators write counts as digits
+    answers = set(COLOURS) | set(SHAPES) | counts | cells | set(SIZES) | {"yes", "no"}
     return sorted(answers)
 
 
