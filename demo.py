@@ -16,18 +16,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 
 
-def chance_recall(img2txt: list[list[int]], num_texts: int, k: int) -> tuple[float, float]:
-    """Expected R@k of a random ranking: image->text (any of an image's captions in the top k) and text->image."""
-    num_images = len(img2txt)
-    txt = 0.0
-    for captions in img2txt:  # P(at least one of c relevant texts among k random picks of T)
-        miss = 1.0
-        for j in range(min(k, num_texts)):
-            miss *= max(0.0, (num_texts - len(captions) - j) / (num_texts - j))
-        txt += 1.0 - miss
-    return 100.0 * txt / num_images, 100.0 * min(k, num_images) / num_images
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO / "data" / "demo"), help="synthetic data folder (made if missing)")
@@ -45,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] synthetic data ready in {data} ({args.num_images} images)", flush=True)
 
     from engine import run
+    from metrics.retrieval import chance_recall
     from Pretrain import PretrainTask
 
     metrics = run(PretrainTask, [

@@ -156,3 +156,15 @@ def topk_rerank_matrix(
     for query_indices, cand_indices, scores in shares:
         matrix[query_indices[:, None], cand_indices] = scores
     return matrix.to(sims.device)
+
+
+def chance_recall(img2txt: list[list[int]], num_texts: int, k: int) -> tuple[float, float]:
+    """Expected R@k of a random ranking: image->text (any of an image's captions in the top k) and text->image."""
+    num_images = len(img2txt)
+    txt = 0.0
+    for captions in img2txt:  # P(at least one of c relevant texts among k random picks of T)
+        miss = 1.0
+        for j in range(min(k, num_texts)):
+            miss *= max(0.0, (num_texts - len(captions) - j) / (num_texts - j))
+        txt += 1.0 - miss
+    return 100.0 * txt / num_images, 100.0 * min(k, num_images) / num_images

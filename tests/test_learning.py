@@ -1,0 +1,103 @@
+"""Learning checks from the session's demo pretraining (the `pretrained_demo` fixture in conftest.py: a tiny ALBEF
+pretrained from random init on a larger synthetic set, about 110 s on 2 cores). Every check compares
+with a chance level computed from the evaluation data, never a hard-coded one. The tests whose names end in
+``_learns`` are the slow ones (the fixture once, then a short fine-tuning each).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from metrics.retrieval import chance_recall
+from tests.conftest import PretrainedDemo
+from tests.test_task_grounding import SPLIT_KEYS, grounding_opts, random_proposal_accuracy
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo"
+
+
+def chance_r_mean(eval_file: Path) -> float:
+    """r_mean (mean of txt/img R@1, R@5, R@10, %) of a random ranking of a retrieval evaluation file."""
+    entries = json.loads(eval_file.read_text())
+    img2txt, num_texts = [], 0
+    for entry in entries:
+        img2txt.append(list(range(num_texts, num_texts + len(entry["caption"]))))
+        num_texts += len(entry["caption"])
+    recalls = [value for k in (1, 5, 10) for value in chance_recall(img2txt, num_texts, k)]
+    return sum(recalls) / len(recalls)
+
+
+def test_chance_r_mean_equals_a_direct_count(tmp_path: Path) -> None:
+    """The chance level itself: 2 images with 1 and 3 captions (4 texts). img->txt R@1 = (1/4 + 3/4) / 2; R@5 and
+    R@10 = 100 (every text ranked); txt->img R@1 = 1/2, R@5 = R@10 = 100."""
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps([{"image": "a.jpg", "caption": ["x"]}, {"image": "b.jpg", "caption": ["y"] * 3}]))
+    expected = (50.0 + 100 + 100 + 50.0 + 100 + 100) / 6
+    assert abs(chance_r_mean(eval_file) - expected) < 1e-9
+
+
+def test_pretrain_zero_shot_retrieval_learns(pretrained_demo: PretrainedDemo) -> None:
+    """Zero-shot retrieval of the demo pretraining on held-out images, ITC ranking alone: far above chance (ITC has
+    left the collapse of random init; measured itc r_mean 20 against a chance of 2.5)."""
+    chance = chance_r_mean(pretrained_demo.data / "retrieval_test.json")
+    itc = pretrained_demo.metrics["val/itc_r_mean"]
+    assert itc > 3 * chance and itc > chance + 10.0, (itc, chance, pretrained_demo.metrics)
+
+
+def test_retrieval_fine_tuned_from_pretraining_learns(pretrained_demo: PretrainedDemo, tmp_path: Path) -> None:
+    """Retrieval.py from the pretraining checkpoint, a short fine-tuning: test r_mean (ITM re-ranked, ALBEF's number)
+    clearly above chance (measured 19.5 after 100 steps against a chance of 2.5; ITM is still at its prior, so the
+    re-ranking adds nothing yet)."""
+    from Retrieval import main
+
+    data = pretrained_demo.data
+    metrics = main(["--config", str(DEMO / "Retrieval.yaml"), "--output_dir", str(tmp_path / "retrieval"),
+                    "--device", "cpu", "--seed", "0", "--checkpoint", str(pretrained_demo.checkpoint), "--opts",
+                    f"model.tokenizer={data / 'vocab.txt'}", f"data.train_file=[{data / 'retrieval_train.json'}]",
+                    "data.val_file=", f"data.test_file={data / 'retrieval_test.json'}",
+                    f"data.image_root={data / 'images'}", "train.max_steps=100", "train.log_every_steps=20"])
+    chance = chance_r_mean(data / "retrieval_test.json")
+    assert metrics["test/r_mean"] > 3 * chance and metrics["test/r_mean"] > chance + 10.0, (chance, metrics)
+
+
+def majority_accuracy(eval_file: Path) -> float:
+    """Accuracy (%) of always answering the most frequent label of a classification evaluation file."""
+    labels = [entry["label"] for entry in json.loads(eval_file.read_text())]
+    return 100.0 * max(labels.count(label) for label in set(labels)) / len(labels)
+
+
+def test_nlvr_from_pretraining_learns(pretrained_demo: PretrainedDemo, tmp_path: Path) -> None:
+    """NLVR.py straight from the pretraining checkpoint (each fusion layer copied into its image pair, the documented
+    key surgery), a short fine-tuning: accuracy on dev and test together above always answering the majority label.
+    The margin is modest (measured 57.3 / 63.6 against 50.2 on 225 pairs each after 150 steps; 59 / 60 after 195):
+    the pair reasoning is only starting to be learnt, so the check pools both splits (450 pairs, 2.4 points of
+    binomial noise at chance)."""
+    from NLVR import main
+
+    data = pretrained_demo.data
+    metrics = main(["--config", str(DEMO / "NLVR.yaml"), "--output_dir", str(tmp_path / "nlvr"), "--device", "cpu",
+                    "--seed", "0", "--checkpoint", str(pretrained_demo.checkpoint), "--opts",
+                    f"model.tokenizer={data / 'vocab.txt'}", f"data.train_file=[{data / 'nlvr_train.json'}]",
+                    f"data.val_file={data / 'nlvr_dev.json'}", f"data.test_file={data / 'nlvr_test.json'}",
+                    f"data.image_root={data / 'images'}", "train.max_steps=150", "train.eval_every_epochs=0",
+                    "train.log_every_steps=25"])
+    # dev and test have the same size: the pooled accuracy is the mean of the two.
+    chance = (majority_accuracy(data / "nlvr_dev.json") + majority_accuracy(data / "nlvr_test.json")) / 2
+    assert (metrics["val/acc"] + metrics["test/acc"]) / 2 > chance + 6.0, (chance, metrics)
+
+
+def test_grounding_from_pretraining_learns(pretrained_demo: PretrainedDemo, tmp_path: Path) -> None:
+    """Grounding.py --evaluate on the pretraining checkpoint (the retrieval model's layout, ITM Grad-CAM): the best
+    proposal is the referred object more often than a uniformly random proposal, on every REFER split. (A short
+    grounding fine-tuning from it measured lower: 38 against 47 on val.) Measured 44.8 / 36.7 / 48.6 on val / testA /
+    testB against 25.7 / 23.2 / 25.3 for a random proposal."""
+    from Grounding import main
+
+    data = pretrained_demo.data
+    metrics = main(["--config", str(DEMO / "Grounding.yaml"), "--output_dir", str(tmp_path / "grounding"),
+                    "--device", "cpu", "--checkpoint", str(pretrained_demo.checkpoint), "--evaluate", "--opts",
+                    *grounding_opts(data)])
+    chance = random_proposal_accuracy(data)
+    for split, key in SPLIT_KEYS.items():
+        assert metrics[key] > chance[split] + 8.0, (split, chance, metrics)
