@@ -104,11 +104,15 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: str | Path, what: str = "annotation file") -> Any:
+    """Parse a JSON file; errors name the file and say what went wrong (missing, not a file, not UTF-8, invalid or
+    truncated JSON with line/column). ``what`` names the kind of file in the messages. Used for every JSON input of
+    the project (annotations, VQA files, detections, REFER instances, result files)."""
+    path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"annotation path is not a file: {path}")
+        raise FileNotFoundError(f"{what} path is not a file: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -163,14 +167,14 @@ def load_json_annotations(paths: PathLike | Sequence[PathLike], kind: str) -> li
         raise ValueError(f"unknown annotation kind {kind!r}; expected one of {list(ANNOTATION_KINDS)}")
     entries: list[dict] = []
     for path in _as_paths(paths):
-        entries.extend(validate_entries(_read_json(path), kind, str(path)))
+        entries.extend(validate_entries(read_json(path), kind, str(path)))
     return entries
 
 
 def load_answer_list(path: PathLike) -> list[str]:
     """ALBEF's VQA answer list: a JSON list of answer strings (the candidates ranked at test time)."""
     path = Path(path)
-    answers = _read_json(path)
+    answers = read_json(path)
     if not isinstance(answers, list) or not answers:
         raise ValueError(f"{path}: expected a non-empty JSON list of answer strings")
     for index, answer in enumerate(answers):

@@ -34,6 +34,8 @@ from pycocoevalcap.spice import spice as spice_module
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from pycocotools.coco import COCO
 
+from dataset.annotations import read_json
+
 logger = logging.getLogger(__name__)
 
 # Jars the SPICE scorer needs besides spice-1.0.jar; pycocoevalcap downloads them on first use, which we never do.
@@ -192,13 +194,7 @@ def coco_caption_eval(
     """COCO caption evaluation of a result file (or list) ``[{image_id, caption}]`` against a COCO gt file."""
     if isinstance(results, (str, Path)):
         result_file = Path(results)
-        if not result_file.is_file():
-            raise FileNotFoundError(f"caption result file not found: {result_file}")
-        try:
-            with open(result_file, encoding="utf-8") as handle:
-                results = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{result_file}: not valid JSON ({err})") from err
+        results = read_json(result_file, "caption result file")
         if not isinstance(results, list):
             raise ValueError(f"{result_file}: expected a list of {{image_id, caption}}")
     return caption_metrics(gt_file, results, meteor=meteor, spice=spice)

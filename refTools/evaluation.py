@@ -18,13 +18,13 @@ map, one predicted box) per sentence.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from dataset.annotations import read_json
 from refTools.refer import REFER
 
 IOU_THRESHOLD = 0.5
@@ -155,13 +155,7 @@ def evaluate_heatmaps(heatmaps: HeatMaps, dets: Mapping, refer: REFER, alpha: fl
 def load_dets(path: str | Path) -> dict[int, torch.Tensor]:
     """Read a detections file ``{image_id: [[x, y, w, h, ...], ...]}`` into image_id -> (N, 4) float64 tensors."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detections file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    raw = read_json(path, "detections file")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected an object image_id -> list of [x, y, w, h] boxes")
     dets: dict[int, torch.Tensor] = {}

@@ -8,10 +8,10 @@ The index attributes keep the REFER API's names (``Refs``, ``Anns``, ``Imgs``, .
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from dataset.annotations import read_json
 from refTools import safe_pickle
 
 _REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
@@ -35,11 +35,7 @@ class REFER:
         refs = safe_pickle.load(self.refs_file)
         if not isinstance(refs, list):
             raise ValueError(f"{self.refs_file}: expected a list of refs, got {type(refs).__name__}")
-        try:
-            with open(self.instances_file, encoding="utf-8") as handle:
-                instances = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.instances_file}: not valid JSON ({err})") from err
+        instances = read_json(self.instances_file, "REFER instances file")
         for key in ("images", "annotations", "categories"):
             if not isinstance(instances, dict) or not isinstance(instances.get(key), list):
                 raise ValueError(f'{self.instances_file}: expected an object with an "{key}" list')

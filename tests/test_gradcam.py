@@ -3,14 +3,12 @@ on a tiny model against the plain backward() computation, and heat -> box choice
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from models import create_model
-from models.albef import SpecialTokens
 from models.gradcam import (
     attention_gradcam,
     compute_gradcam,
@@ -21,18 +19,13 @@ from models.gradcam import (
     third_fusion_layer,
 )
 from refTools import pick_box
-
-SPECIAL = SpecialTokens(pad=0, cls=2, sep=3, mask=4, vocab_size=60)
+from tests.test_models import SPECIAL, tiny_cfg
 
 
 def tiny_model(tmp_path: Path) -> torch.nn.Module:
     """BERT of 4 layers with fusion from layer 2; ViT of 2 blocks on a 4 x 4 patch grid (32 px, patch 8)."""
-    bert = {"hidden_size": 32, "num_hidden_layers": 4, "fusion_layer": 2, "num_attention_heads": 2,
-            "intermediate_size": 64, "encoder_width": 32, "vocab_size": 60, "max_position_embeddings": 64}
-    path = tmp_path / "bert.json"
-    path.write_text(json.dumps(bert))
-    cfg = {"bert_config": str(path), "text_encoder": "", "tokenizer": "", "image_res": 32, "embed_dim": 16,
-           "queue_size": 16, "vit": {"patch_size": 8, "width": 32, "depth": 2, "heads": 2}}
+    cfg = tiny_cfg(tmp_path, bert_overrides={"num_hidden_layers": 4, "fusion_layer": 2},
+                   vit={"patch_size": 8, "width": 32, "depth": 2, "heads": 2})
     torch.manual_seed(0)
     return create_model("grounding", cfg, special=SPECIAL).eval()
 

@@ -8,9 +8,10 @@ Result file: ``[{"question_id": int, "answer": str}, ...]`` covering every quest
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from dataset.annotations import read_json
 
 _ANNOTATION_KEYS = ("question_id", "image_id", "question_type", "answer_type", "answers")
 _QUESTION_KEYS = ("question_id", "image_id", "question")
@@ -18,13 +19,7 @@ _QUESTION_KEYS = ("question_id", "image_id", "question")
 
 def _load_json_list(path: Path, top_key: str) -> list[dict]:
     """Read ``path`` and return the list stored under ``top_key``, with errors naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"VQA file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    data = read_json(path, "VQA file")
     if not isinstance(data, dict) or not isinstance(data.get(top_key), list):
         raise ValueError(f'{path}: expected a JSON object with a "{top_key}" list')
     return data[top_key]
@@ -152,10 +147,4 @@ class VQA:
 
 
 def _load_result_file(path: Path) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"VQA result file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return read_json(path, "VQA result file")
