@@ -49,6 +49,9 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "distill": True,  # momentum distillation on/off (tasks where ALBEF makes it optional)
     "warm_up": True,  # ramp alpha from 0 over the first epoch as ALBEF does
     "mlm_probability": 0.15,
+    # Share of ITM negatives drawn uniformly instead of by similarity (ALBEF: 0, hard negatives only). From random
+    # init on captions that fit many images, the hardest negatives are often true matches and ITM learns nothing.
+    "itm_random_negatives": 0.0,
     "grad_checkpointing": False,  # activation checkpointing in both encoders
 }
 
@@ -95,13 +98,20 @@ def soft_contrastive_loss(sim: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
 
 
-def sample_hard_negatives(sim: Tensor, positive: Tensor, eps: float) -> Tensor:
+def sample_hard_negatives(sim: Tensor, positive: Tensor, eps: float, random_share: float = 0.0) -> Tensor:
     """For each row of the in-batch similarity ``sim`` (B, B), draw one column with probability softmax(sim) (+eps),
     never a positive (``positive`` (B, B) bool). One multinomial call, no host sync. A row whose every column is
-    positive falls back to any other column."""
+    positive falls back to any other column.
+
+    ``random_share`` in [0, 1] mixes in uniform draws: each negative comes from the similarity weights with
+    probability 1 - random_share and uniformly from the non-positives otherwise (0 is ALBEF's sampling, unchanged)."""
     with torch.no_grad():
         weights = F.softmax(sim.float(), dim=1) + eps
         weights = weights.masked_fill(positive, 0.0)
+        if random_share > 0:
+            uniform = (~positive).float()
+            weights = ((1 - random_share) * weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-30)
+                       + random_share * uniform / uniform.sum(dim=1, keepdim=True).clamp_min(1.0))
         empty = weights.sum(dim=1, keepdim=True) <= 0
         fallback = (~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)).float()
         weights = torch.where(empty, fallback, weights)
@@ -156,6 +166,8 @@ class AlbefBase(nn.Module):
         self.bert_config = build_bert_config(self.cfg, special.vocab_size)
         self.visual_encoder = create_vit(self.cfg["vit"], self.cfg["image_res"])
         self.momentum = float(self.cfg["momentum"])
+        if not 0.0 <= float(self.cfg["itm_random_negatives"]) <= 1.0:
+            raise ValueError(f"model.itm_random_negatives must be in [0, 1], got {self.cfg['itm_random_negatives']}")
         if self.cfg["grad_checkpointing"]:
             self.visual_encoder.set_grad_checkpointing(True)
 
@@ -346,8 +358,9 @@ class AlbefBase(nn.Module):
                 positive = torch.eye(batch, dtype=torch.bool, device=image_embeds.device)
             else:
                 positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
-            neg_image_for_text = sample_hard_negatives(sim_t2i, positive, negative_eps)
-            neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps)
+            share = float(self.cfg["itm_random_negatives"])
+            neg_image_for_text = sample_hard_negatives(sim_t2i, positive, negative_eps, share)
+            neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps, share)
         if image_kv is None:
             image_kv = self.text_bert.precompute_image_kv(image_embeds)
         # Order as ALBEF: positives, (text b, its negative image), (negative text, image b).

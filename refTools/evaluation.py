@@ -88,6 +88,20 @@ def pick_box(heatmap: torch.Tensor, boxes: torch.Tensor, alpha: float = 0.5) -> 
     return boxes[int(scores.argmax()), :4]
 
 
+def heat_peak_in_box(heatmap: torch.Tensor, box: Sequence[float], image_size: tuple[int, int]) -> bool:
+    """Pointing game (Zhang et al., 2016): does the hottest cell of ``heatmap`` (h, w), a grid laid over an image of
+    ``image_size`` (H, W) pixels, have its centre inside ``box`` ``[x, y, w, h]`` (pixels, edges included)? A
+    random point lands in the box with probability ``w * h / (W * H)``, the chance level. First cell on ties."""
+    if heatmap.dim() != 2 or heatmap.numel() == 0:
+        raise ValueError(f"heatmap must be a non-empty (h, w) grid, got shape {tuple(heatmap.shape)}")
+    grid_h, grid_w = heatmap.shape
+    row, col = divmod(int(heatmap.flatten().argmax()), grid_w)
+    centre_x = (col + 0.5) * image_size[1] / grid_w
+    centre_y = (row + 0.5) * image_size[0] / grid_h
+    x, y, w, h = (float(v) for v in box[:4])
+    return x <= centre_x <= x + w and y <= centre_y <= y + h
+
+
 def grounding_accuracy(
     results: Sequence[Mapping], refer: REFER, iou_threshold: float = IOU_THRESHOLD
 ) -> dict[str, float]:

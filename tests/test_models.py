@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -167,6 +168,30 @@ def test_hard_negatives_never_pick_a_positive():
     for _ in range(50):
         picks = sample_hard_negatives(sim, diag, eps=0.0)
         assert (picks != torch.arange(8)).all()
+
+
+def test_random_negative_share_mixes_uniform_draws_into_hard_ones():
+    """model.itm_random_negatives: row 0's similarities make column 1 the only hard negative. With share 0 it is
+    always drawn; with share s the other non-positive columns (2..7) get s * 6/7 of the draws between them."""
+    sim = torch.full((8, 8), -50.0)
+    sim[0, 1] = 50.0
+    diag = torch.eye(8, dtype=torch.bool)
+    torch.manual_seed(0)
+    hard = torch.stack([sample_hard_negatives(sim, diag, eps=0.0) for _ in range(200)])
+    assert (hard[:, 0] == 1).all()
+    torch.manual_seed(0)
+    mixed = torch.stack([sample_hard_negatives(sim, diag, eps=0.0, random_share=0.5) for _ in range(4000)])
+    others = float((mixed[:, 0] >= 2).double().mean())
+    assert abs(others - 0.5 * 6 / 7) < 0.03, others  # ~4 standard errors
+    assert (mixed != torch.arange(8)).all()  # never a positive
+    uniform = torch.stack([sample_hard_negatives(sim, diag, eps=0.0, random_share=1.0) for _ in range(4000)])
+    counts = torch.bincount(uniform[:, 0], minlength=8)
+    assert counts[0] == 0 and (counts[1:] - 4000 / 7).abs().max() < 120, counts
+
+
+def test_random_negative_share_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="itm_random_negatives"):
+        create_model("pretrain", tiny_cfg(tmp_path, itm_random_negatives=1.5), special=SPECIAL)
 
 
 def test_batched_itm_with_shared_image_kv_equals_looped_per_pair_passes(tmp_path):

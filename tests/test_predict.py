@@ -85,9 +85,12 @@ def test_predict_batch_mode_and_official_checkpoint(checkpoints, synthetic_dir, 
 def test_demo_gradcam_writes_the_png(checkpoints, synthetic_dir) -> None:
     demo_dir = checkpoints["dir"]
     (demo_dir / "checkpoint_last.pth").write_bytes(checkpoints["ours"].read_bytes())
-    png = write_demo_gradcam(demo_dir, synthetic_dir)
+    png, pointing = write_demo_gradcam(demo_dir, synthetic_dir)
     assert png == demo_dir / "gradcam.png" and png.is_file()
     assert cv2.imread(str(png)).shape[0] % 64 == 0
+    expressions = json.loads((synthetic_dir / "refcoco+_test.json").read_text())
+    assert pointing.count == min(200, len(expressions))
+    assert 0 < pointing.chance < 50 and 0 <= pointing.accuracy <= 100
 
 
 def test_word_pieces_join_into_words(tmp_path) -> None:

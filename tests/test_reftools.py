@@ -17,6 +17,7 @@ from refTools import (
     compute_iou,
     evaluate_heatmaps,
     grounding_accuracy,
+    heat_peak_in_box,
     load_dets,
     paired_iou,
     pick_box,
@@ -72,6 +73,20 @@ def test_box_heat_scores_match_slicing() -> None:
         cols = slice(max(int(x), 0), int(x + w))
         expected = heatmap[rows, cols].double().sum() / (w * h) ** 0.5
         assert float(scores[index]) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_heat_peak_in_box_is_the_pointing_game() -> None:
+    """A 4x4 grid over a 40x80 (H, W) image: cell (row 1, col 2) is hottest, its centre is (x 50, y 15)."""
+    heat = torch.zeros(4, 4)
+    heat[1, 2] = 1.0
+    assert heat_peak_in_box(heat, [40, 10, 20, 10], (40, 80))  # x 40..60, y 10..20 holds (50, 15)
+    assert heat_peak_in_box(heat, [50, 15, 1, 1], (40, 80))  # edges count
+    assert not heat_peak_in_box(heat, [0, 0, 49, 40], (40, 80))  # x up to 49
+    assert not heat_peak_in_box(heat, [40, 16, 20, 10], (40, 80))  # y from 16
+    heat[3, 0] = 1.0  # a tie: the first cell in row-major order wins
+    assert heat_peak_in_box(heat, [40, 10, 20, 10], (40, 80))
+    with pytest.raises(ValueError, match="non-empty"):
+        heat_peak_in_box(torch.zeros(0, 4), [0, 0, 1, 1], (4, 4))
 
 
 def test_box_heat_scores_invalid_boxes() -> None:
