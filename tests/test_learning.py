@@ -88,16 +88,16 @@ def test_nlvr_from_pretraining_learns(pretrained_demo: PretrainedDemo, tmp_path:
 
 
 def test_grounding_from_pretraining_learns(pretrained_demo: PretrainedDemo, tmp_path: Path) -> None:
-    """Grounding.py --evaluate on the pretraining checkpoint (the retrieval model's layout, ITM Grad-CAM): the best
-    proposal is the referred object more often than a uniformly random proposal, on every REFER split. (A short
-    grounding fine-tuning from it measured no better.) Measured 46.6 / 39.0 / 51.2 on val / testA / testB against
-    25.7 / 23.2 / 25.3 for a random proposal."""
+    """Grounding.py fine-tuned briefly (100 steps of ITC + ITM on the referring expressions) from the pretraining
+    checkpoint, then evaluated with ITM Grad-CAM: the best proposal is the referred object far more often than a
+    uniformly random proposal, on every REFER split. Measured 42.7 / 41.3 / 46.8 on val / testA / testB against
+    25.7 / 23.2 / 25.3 for a random proposal (the pretraining checkpoint alone: 46.6 / 39.0 / 51.2)."""
     from Grounding import main
 
     data = pretrained_demo.data
     metrics = main(["--config", str(DEMO / "Grounding.yaml"), "--output_dir", str(tmp_path / "grounding"),
-                    "--device", "cpu", "--checkpoint", str(pretrained_demo.checkpoint), "--evaluate", "--opts",
-                    *grounding_opts(data)])
+                    "--device", "cpu", "--checkpoint", str(pretrained_demo.checkpoint), "--opts",
+                    *grounding_opts(data, "train.max_steps=100", "train.eval_every_epochs=0")])
     chance = random_proposal_accuracy(data)
     for split, key in SPLIT_KEYS.items():
         assert metrics[key] > chance[split] + 8.0, (split, chance, metrics)
