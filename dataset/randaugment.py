@@ -8,7 +8,8 @@ ALBEF's policy (facts kept so that fine-tuning sees the augmentation its checkpo
   Rotate:                 30 * M / 10 degrees, random sign
   Identity, AutoContrast, Equalize: no magnitude
 Geometric operations fill uncovered pixels with grey 128. Every random draw comes from the generator passed in.
-Point operations are 256-entry lookup tables (cv2.LUT); geometric ones a single cv2.warpAffine.
+Point operations are 256-entry lookup tables (cv2.LUT); geometric ones a single cv2.warpAffine, whole-pixel
+translations a bordered copy (the same pixels).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def identity(image: np.ndarray) -> np.ndarray:
 
 def autocontrast(image: np.ndarray) -> np.ndarray:
     """Stretch each channel so that its darkest pixel becomes 0 and its brightest 255 (PIL's autocontrast)."""
-    low = image.reshape(-1, 3).min(axis=0).astype(np.float32)  # (3,)
-    high = image.reshape(-1, 3).max(axis=0).astype(np.float32)  # (3,)
+    # Per-plane cv2.minMaxLoc: ~50x quicker than numpy's min/max over axis 0 of an (H * W, 3) array.
+    low, high = np.array([cv2.minMaxLoc(plane)[:2] for plane in cv2.split(image)], dtype=np.float32).T  # (3,) each
     flat = high <= low  # a constant channel stays as it is
     scale = np.where(flat, 1.0, 255.0 / np.maximum(high - low, 1.0))
     offset = np.where(flat, 0.0, -low * scale)
@@ -55,8 +56,11 @@ def autocontrast(image: np.ndarray) -> np.ndarray:
 def equalize(image: np.ndarray) -> np.ndarray:
     """Histogram-equalise each channel the way PIL's ImageOps.equalize does (not cv2.equalizeHist)."""
     tables = np.empty((256, 3), dtype=np.uint8)
-    for channel in range(3):
-        hist = np.bincount(image[:, :, channel].ravel(), minlength=256)  # (256,)
+    for channel, plane in enumerate(cv2.split(image)):
+        if plane.size < 1 << 24:  # cv2.calcHist counts in float32, exact below 2**24; ~3x quicker than bincount
+            hist = cv2.calcHist([plane], [0], None, [256], [0, 256]).reshape(256).astype(np.int64)  # (256,)
+        else:
+            hist = np.bincount(plane.ravel(), minlength=256)  # (256,)
         used = hist[hist > 0]
         # PIL leaves out the last occupied bin so that the brightest level maps to 255.
         step = (int(used.sum()) - int(used[-1])) // 255
@@ -106,11 +110,28 @@ def shear_y(image: np.ndarray, factor: float) -> np.ndarray:
     return _warp(image, np.array([[1.0, 0.0, 0.0], [factor, 1.0, 0.0]]))
 
 
+def _shift(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """out[y, x] = image[y + dy, x + dx], grey outside: exactly what _warp computes for a whole-pixel translation
+    (bilinear weights 1 and 0), as a copy with a constant border, ~50x quicker than the per-pixel interpolation."""
+    height, width = image.shape[:2]
+    if abs(dx) >= width or abs(dy) >= height:
+        return np.full_like(image, FILL_VALUE)
+    inside = image[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)]
+    return cv2.copyMakeBorder(inside, max(-dy, 0), max(dy, 0), max(-dx, 0), max(dx, 0), cv2.BORDER_CONSTANT,
+                              value=(FILL_VALUE, FILL_VALUE, FILL_VALUE))
+
+
 def translate_x(image: np.ndarray, pixels: float) -> np.ndarray:
+    """Content moves left by ``pixels`` (PIL's affine data (1, 0, pixels, 0, 1, 0))."""
+    if float(pixels).is_integer():  # ALBEF's magnitudes give whole pixels (10 * M / 10)
+        return _shift(image, int(pixels), 0)
     return _warp(image, np.array([[1.0, 0.0, -pixels], [0.0, 1.0, 0.0]]))
 
 
 def translate_y(image: np.ndarray, pixels: float) -> np.ndarray:
+    """Content moves up by ``pixels`` (PIL's affine data (1, 0, 0, 0, 1, pixels))."""
+    if float(pixels).is_integer():
+        return _shift(image, 0, int(pixels))
     return _warp(image, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, -pixels]]))
 
 

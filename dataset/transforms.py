@@ -106,15 +106,21 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _jpeg_is_complete(data: bytes) -> bool:
-    """A JPEG whose last scan is followed by the end-of-image marker.
+def _jpeg_is_complete(data: np.ndarray, header: bytes) -> bool:
+    """A JPEG (file bytes ``data``, the first of them ``header``) whose last scan is followed by the end-of-image
+    marker.
 
     Some OpenCV/libjpeg builds decode a truncated JPEG into a partly grey image with only a printed warning; this
     catches that. Inside entropy-coded data 0xFF is always stuffed (FF 00) or a restart marker, so an EOI (FF D9)
     after the last SOS (FF DA) means the final scan ended properly; trailing bytes after the EOI are allowed.
     """
-    last_scan = data.rfind(b"\xff\xda")
-    return last_scan >= 0 and data.find(b"\xff\xd9", last_scan) >= 0
+    if data.size >= 2 and data[-2] == 0xFF and data[-1] == 0xD9:
+        # The usual file ends with its EOI, which follows every scan: complete if there is a scan at all. Found in
+        # the header for nearly every file, without scanning the entropy-coded data (~0.2 ms for a COCO JPEG).
+        return b"\xff\xda" in header or b"\xff\xda" in data.tobytes()
+    whole = data.tobytes()
+    last_scan = whole.rfind(b"\xff\xda")
+    return last_scan >= 0 and whole.find(b"\xff\xd9", last_scan) >= 0
 
 
 def _to_uint8(image: np.ndarray, path: str | os.PathLike) -> np.ndarray:
@@ -170,7 +176,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageDecodeError(path, f"{size[0]}x{size[1]} pixels exceed max_pixels={max_pixels}")
     is_jpeg = header[:2] == b"\xff\xd8"
-    if is_jpeg and not _jpeg_is_complete(data.tobytes()):
+    if is_jpeg and not _jpeg_is_complete(data, header):
         raise ImageDecodeError(path, "truncated JPEG (no end-of-image marker after the last scan)")
     if is_jpeg and _JPEG_RGB_FLAGS is not None:
         # JPEGs have no alpha and 8-bit samples: let libjpeg emit RGB (grey and CMYK converted) and skip a pass.
@@ -246,7 +252,10 @@ def random_resized_crop_box(
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) array -> uint8 tensor (3, H, W), contiguous."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    out = torch.empty((3, *image.shape[:2]), dtype=torch.uint8)
+    # cv2.split writes the planes straight into the tensor's memory: 5x quicker than numpy's strided transpose copy.
+    cv2.split(np.ascontiguousarray(image), list(out.numpy()))
+    return out
 
 
 class ImageTransform:
@@ -282,9 +291,9 @@ class ImageTransform:
             image = image[top : top + crop_height, left : left + crop_width]
         image = resize_bicubic(image, res, res)  # (res, res, 3)
         if self.flip and rng.random() < 0.5:
-            image = image[:, ::-1]
+            image = cv2.flip(image, 1)  # contiguous, ~40x quicker than copying the negative-stride view image[:, ::-1]
         if self.randaugment is not None:
-            image = self.randaugment(np.ascontiguousarray(image), rng)
+            image = self.randaugment(np.ascontiguousarray(image), rng)  # a no-op unless the crop was res x res
         return to_chw_tensor(image)
 
     def __repr__(self) -> str:
