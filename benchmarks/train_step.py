@@ -3,9 +3,9 @@
     python benchmarks/train_step.py --task pretrain --size base --batch 4 --threads 2
     python benchmarks/train_step.py --task pretrain --size base --batch 64 --amp bf16 --device cuda [--compile]
 
-The step is the engine's: forward (named losses) -> sum -> backward -> clip -> AdamW step (fused on CUDA, foreach on
-CPU). FLOPs come from torch's FlopCounterMode over one step; MFU divides the achieved FLOP/s by a matmul peak
-measured in the same run on the same device and dtype.
+The step is the engine's: forward (named losses) -> sum -> backward -> clip -> AdamW step (fused on CUDA and
+CPU, the factory's default). FLOPs come from torch's FlopCounterMode over one step; MFU divides the achieved FLOP/s
+by a matmul peak measured in the same run on the same device and dtype.
 """
 
 from __future__ import annotations
