@@ -112,9 +112,12 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
-    def restore(self) -> None:
+    def restore(self, ignore_term: bool = False) -> None:
+        """Put the previous handlers back; `ignore_term` ignores SIGTERM instead, for a rank on its way out after a
+        peer failure: torchrun SIGTERMs the survivors as soon as one rank exits, which would otherwise kill this
+        rank before it reports why it stopped (torchrun still SIGKILLs it after its grace period)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if ignore_term and sig == signal.SIGTERM else handler)
         self._previous = {}
 
 
@@ -735,14 +738,16 @@ class Trainer:
         ckpt.remove_temp_files(self.output_dir)  # leftovers of a save killed mid-write (training owns output_dir)
         self._setup_training(resume)
         self.stop_signal.install()
+        peer_failed = False
         try:
             self.train()
         except Exception as err:
-            if dist.is_peer_failure(err):
-                raise self._peer_failure(err) from err
-            raise
+            if not dist.is_peer_failure(err):
+                raise
+            peer_failed = True
+            raise self._peer_failure(err) from err
         finally:
-            self.stop_signal.restore()
+            self.stop_signal.restore(ignore_term=peer_failed)
         return dict(self.last_metrics)
 
     def _peer_failure(self, err: BaseException) -> dist.PeerFailure:
