@@ -93,9 +93,36 @@ def momentum_update(online: list[nn.Parameter], momentum: list[nn.Parameter], fa
         torch._foreach_add_(momentum, online, alpha=1.0 - factor)
 
 
-def soft_contrastive_loss(sim: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy of similarity logits (B, C) against target distributions (B, C), averaged over rows."""
-    return -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
+class _BankContrastive(torch.autograd.Function):
+    """Cross-entropy of the logits ``feat @ bank / temp`` (B, C) against target distributions (B, C), averaged over
+    rows, with its gradient formed in forward.
+
+    The bank (E, C) holds this batch's momentum features and the whole queue (67 MB per modality at ALBEF's size).
+    Autograd would keep it for the backward of the matmul, where the queue itself can no longer be used (it is
+    overwritten in place right after the loss), so a copy would live until backward, at the step's memory peak.
+    Forming d loss / d feat and d loss / d temp here keeps two small results instead: same maths, 134 MB less."""
+
+    @staticmethod
+    def forward(ctx: Any, feat: Tensor, temp: Tensor, bank: Tensor, targets: Tensor) -> Tensor:
+        sim = feat @ bank / temp  # (B, C)
+        log_p = F.log_softmax(sim, dim=1)
+        loss = -(log_p * targets).sum(dim=1).mean()
+        # d loss / d sim of the row-averaged soft cross-entropy; then sim = feat @ bank / temp gives the rest.
+        grad_sim = (log_p.exp() * targets.sum(dim=1, keepdim=True) - targets) / feat.shape[0]
+        ctx.save_for_backward((grad_sim @ bank.t() / temp).to(feat.dtype),
+                              (-(grad_sim * sim).sum() / temp).to(temp.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        grad_feat, grad_temp = ctx.saved_tensors
+        return grad_loss * grad_feat, grad_loss * grad_temp, None, None
+
+
+def soft_contrastive_loss(feat: Tensor, temp: Tensor, bank: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of the similarity logits ``feat @ bank / temp`` (B, C) against target distributions (B, C)
+    (rows summing to 1 or not), averaged over rows; differentiable in ``feat`` and ``temp``, not in ``bank``."""
+    return _BankContrastive.apply(feat, temp, bank, targets)
 
 
 def sample_hard_negatives(sim: Tensor, positive: Tensor, eps: float, random_share: float = 0.0) -> Tensor:
@@ -279,12 +306,11 @@ class AlbefBase(nn.Module):
         enc = self.text_encoder_m
         return enc.bert if isinstance(enc, BertLMHeadModel) else enc
 
-    def itc_itm(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
-                idx: Tensor | None = None, neg_image_for_text: Tensor | None = None,
-                neg_text_for_image: Tensor | None = None, negative_eps: float = 1e-4) -> dict[str, Any]:
-        """The contrastive + matching part shared by pretraining, retrieval and grounding fine-tuning: encoders,
-        momentum update and features, ITC against the queues, queue update, ITM with hard negatives. Returns the
-        two losses plus what MLM reuses (image_embeds, image_embeds_m, image_kv)."""
+    def itc(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
+            idx: Tensor | None = None) -> dict[str, Any]:
+        """Encoders, momentum update and features, ITC against the queues, queue update. Returns ``loss_ita`` and what
+        the fusion passes reuse: image_embeds, image_embeds_m, text_embeds, the in-batch similarities sim_i2t /
+        sim_t2i (hard-negative sampling) and image_kv (the image key/values of every fusion layer)."""
         self.clamp_temp()
         image_embeds = self.encode_image(image)
         image_feat = self.image_feat(image_embeds)
@@ -300,11 +326,33 @@ class AlbefBase(nn.Module):
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
         sim_i2t, sim_t2i = self.inbatch_sims(image_feat, text_feat, image_feat_m, text_feat_m)
         image_kv = self.text_bert.precompute_image_kv(image_embeds)  # shared by every fusion pass of the step
-        loss_itm = self.matching_loss(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
-                                      neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image,
-                                      image_kv=image_kv, negative_eps=negative_eps)
-        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "image_embeds": image_embeds,
-                "image_embeds_m": image_embeds_m, "image_kv": image_kv}
+        return {"loss_ita": loss_ita, "image_embeds": image_embeds, "image_embeds_m": image_embeds_m,
+                "text_embeds": text_embeds, "sim_i2t": sim_i2t, "sim_t2i": sim_t2i, "image_kv": image_kv}
+
+    def itc_itm(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
+                idx: Tensor | None = None, neg_image_for_text: Tensor | None = None,
+                neg_text_for_image: Tensor | None = None, negative_eps: float = 1e-4) -> dict[str, Any]:
+        """The contrastive + matching part shared by retrieval and grounding fine-tuning: ``itc``, then ITM with
+        hard negatives. Returns ``itc``'s dict plus ``loss_itm``."""
+        out = self.itc(image, input_ids, attention_mask, alpha, idx=idx)
+        out["loss_itm"] = self.matching_loss(
+            out["image_embeds"], out["text_embeds"], attention_mask, out["sim_i2t"], out["sim_t2i"], idx=idx,
+            neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image, image_kv=out["image_kv"],
+            negative_eps=negative_eps)
+        return out
+
+    def draw_negatives(self, sim_i2t: Tensor, sim_t2i: Tensor, idx: Tensor | None = None,
+                       negative_eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+        """(negative image for each text, negative text for each image), (B,) each, drawn from the in-batch
+        similarities (B, B); never a positive (the diagonal, or the same ``idx``)."""
+        batch = sim_i2t.shape[0]
+        if idx is None:
+            positive = torch.eye(batch, dtype=torch.bool, device=sim_i2t.device)
+        else:
+            positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
+        share = float(self.cfg["itm_random_negatives"])
+        return (sample_hard_negatives(sim_t2i, positive, negative_eps, share),
+                sample_hard_negatives(sim_i2t, positive, negative_eps, share))
 
     # ---- shared losses ---------------------------------------------------------------------------------------------
     def contrastive_loss(self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor | None,
@@ -315,8 +363,8 @@ class AlbefBase(nn.Module):
         ``image_feat_m`` / ``text_feat_m`` are the momentum features of this batch (no grad).
         """
         with torch.no_grad():
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)  # (E, B+Q)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)  # (E, B+Q)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
             if idx is None:
                 targets = torch.zeros(image_feat.shape[0], image_feat_all.shape[1], device=image_feat.device)
                 targets.fill_diagonal_(1)
@@ -331,9 +379,9 @@ class AlbefBase(nn.Module):
                 targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets
             else:
                 targets_i2t = targets_t2i = targets
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
-        return (soft_contrastive_loss(sim_i2t, targets_i2t) + soft_contrastive_loss(sim_t2i, targets_t2i)) / 2
+        loss_i2t = soft_contrastive_loss(image_feat, self.temp, text_feat_all, targets_i2t)
+        loss_t2i = soft_contrastive_loss(text_feat, self.temp, image_feat_all, targets_t2i)
+        return (loss_i2t + loss_t2i) / 2
 
     def inbatch_sims(self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor
                      ) -> tuple[Tensor, Tensor]:
@@ -354,13 +402,7 @@ class AlbefBase(nn.Module):
         if neg_image_for_text is None or neg_text_for_image is None:
             if sim_i2t is None or sim_t2i is None:
                 raise ValueError("matching_loss needs the in-batch similarities or explicit negatives")
-            if idx is None:
-                positive = torch.eye(batch, dtype=torch.bool, device=image_embeds.device)
-            else:
-                positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
-            share = float(self.cfg["itm_random_negatives"])
-            neg_image_for_text = sample_hard_negatives(sim_t2i, positive, negative_eps, share)
-            neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps, share)
+            neg_image_for_text, neg_text_for_image = self.draw_negatives(sim_i2t, sim_t2i, idx, negative_eps)
         if image_kv is None:
             image_kv = self.text_bert.precompute_image_kv(image_embeds)
         # Order as ALBEF: positives, (text b, its negative image), (negative text, image b).

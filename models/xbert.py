@@ -14,7 +14,10 @@ Key names follow BERT / ALBEF so official checkpoints load as they are:
 transform.LayerNorm,decoder,bias}`` (decoder weight tied to the word embeddings, decoder bias tied to ``bias``).
 
 Masks are ALBEF's additive masks ((1 - mask) * -10000) so that numbers match the reference; attention runs through
-``F.scaled_dot_product_attention`` unless an attention map is being captured for Grad-CAM.
+``F.scaled_dot_product_attention`` unless an attention map is being captured for Grad-CAM, or attention dropout is
+active in fp32 on CPU: there SDPA falls back to explicit maths that keeps a copy of the keys, the float dropout mask and
+the dropped probabilities for backward, and ``dropout_attention`` (same maths, probabilities and a boolean mask kept,
+the rest recomputed in backward) takes its place.
 """
 
 from __future__ import annotations
@@ -127,6 +130,45 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeds))
 
 
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
+    """The boolean keep-mask of attention dropout (each entry kept with probability 1 - p)."""
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + mask), dropout(p), times v; keeps q, k, v (views, no copies), the probabilities and
+    a boolean keep-mask for backward, where the dropped probabilities are recomputed."""
+
+    @staticmethod
+    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float) -> Tensor:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+        scores = query @ key.transpose(-1, -2) * scale  # (B, nh, L, S)
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        del scores
+        keep = dropout_keep_mask(probs.shape, p, probs.device)
+        context = (probs * keep * (1.0 / (1.0 - p))) @ value
+        ctx.save_for_backward(query, key, value, probs, keep)
+        ctx.scale, ctx.p = scale, p
+        return context
+
+    @staticmethod
+    def backward(ctx: Any, grad_context: Tensor) -> tuple[Tensor | None, ...]:
+        query, key, value, probs, keep = ctx.saved_tensors
+        rescale = 1.0 / (1.0 - ctx.p)
+        grad_value = (probs * keep * rescale).transpose(-1, -2) @ grad_context
+        grad_probs = (grad_context @ value.transpose(-1, -2)) * keep * rescale
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True)) * ctx.scale
+        del grad_probs
+        return grad_scores @ key, grad_scores.transpose(-1, -2) @ query, grad_value, None, None
+
+
+def dropout_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float) -> Tensor:
+    """Attention with dropout ``p`` on the probabilities (training), lean in memory; heads (B, nh, L|S, hd)."""
+    return _DropoutAttention.apply(query, key, value, mask, p)
+
+
 class BertSelfAttention(nn.Module):
     """Multi-head attention; as cross-attention its key/value read ``encoder_width``-wide image tokens."""
 
@@ -152,8 +194,11 @@ class BertSelfAttention(nn.Module):
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
 
     def project_kv(self, states: Tensor) -> tuple[Tensor, Tensor]:
-        """Key and value heads for ``states`` (B, S, D_kv) -> 2 x (B, nh, S, hd); computed once, reusable."""
-        return self._split(self.key(states)), self._split(self.value(states))
+        """Key and value heads for ``states`` (B, S, D_kv) -> 2 x (B, nh, S, hd); computed once, reusable.
+
+        Stored head-major (contiguous): attention that falls back to explicit matmuls (dropout on CPU, Grad-CAM)
+        then reads them as they are, where the (B, S, nh, hd) layout made it keep a copy of each for backward."""
+        return self._split(self.key(states)).contiguous(), self._split(self.value(states)).contiguous()
 
     def _keep_grad(self, grad: Tensor) -> None:
         self.attention_grad = grad
@@ -175,6 +220,9 @@ class BertSelfAttention(nn.Module):
             if probs.requires_grad:
                 probs.register_hook(self._keep_grad)
             context = F.dropout(probs, self.dropout_p, self.training) @ value
+        elif (self.training and self.dropout_p > 0 and query.device.type == "cpu" and query.dtype == torch.float32
+              and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            context = dropout_attention(query, key, value, mask, self.dropout_p)
         else:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                      dropout_p=self.dropout_p if self.training else 0.0)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models import create_model, load_checkpoint
-from models.albef import SpecialTokens, momentum_update, sample_hard_negatives
+from models.albef import SpecialTokens, momentum_update, sample_hard_negatives, soft_contrastive_loss
 from models.xbert import BertConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,6 +221,97 @@ def test_batched_itm_with_shared_image_kv_equals_looped_per_pair_passes(tmp_path
             labels.append(0)
         slow = F.cross_entropy(torch.cat(logits), torch.tensor(labels))
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets_sum_to_one", [True, False])
+def test_contrastive_loss_with_gradient_formed_in_forward_equals_autograd(targets_sum_to_one):
+    """The ITC loss that forms its gradient in forward (so the feature bank is not kept for backward) gives the loss
+    and the gradients in feat and temp of the plain autograd formula, and the bank may change before backward."""
+    gen = torch.Generator().manual_seed(0)
+    feat = F.normalize(torch.randn(4, 8, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
+    temp = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    bank = F.normalize(torch.randn(8, 20, generator=gen, dtype=torch.float64), dim=0)
+    targets = F.softmax(torch.randn(4, 20, generator=gen, dtype=torch.float64), dim=1)
+    if not targets_sum_to_one:
+        targets = targets * torch.rand(4, 1, generator=gen, dtype=torch.float64)
+    weights = torch.randn((), generator=gen, dtype=torch.float64)  # a loss scale, as a sum with other losses gives
+
+    plain = -(F.log_softmax(feat @ bank / temp, dim=1) * targets).sum(dim=1).mean()
+    grads_plain = torch.autograd.grad(plain * weights, (feat, temp))
+    fast = soft_contrastive_loss(feat, temp, bank, targets)
+    bank.add_(1.0)  # the queue is overwritten in place before backward: the gradient must not depend on it
+    grads_fast = torch.autograd.grad(fast * weights, (feat, temp))
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)  # same ops in forward: bit-equal
+    for got, want in zip(grads_fast, grads_plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_vit_mlp_recomputing_gelu_equals_timms_mlp(amp):
+    """GeluMlp (GELU recomputed in backward) gives timm Mlp's output and gradients, in fp32 and under bf16
+    autocast (parameter gradients stay fp32), and keeps fc1's output but not the GELU's for backward."""
+    from timm.layers import Mlp
+
+    from models.vit import GeluMlp
+
+    torch.manual_seed(0)
+    plain = Mlp(16, 64)
+    lean = GeluMlp.from_timm(Mlp(16, 64))
+    assert isinstance(lean, GeluMlp)
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 16)
+    grad = torch.randn(2, 5, 16)
+    results = []
+    for mlp in (plain, lean):
+        xi = x.clone().requires_grad_()
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = mlp(xi)
+        out.backward(grad.to(out.dtype))
+        results.append((out, xi.grad, *(p.grad for p in mlp.parameters()), sum(saved)))
+    *want, saved_plain = results[0]
+    *got, saved_lean = results[1]
+    tol = {"rtol": 2e-2, "atol": 2e-2} if amp else {"rtol": 1e-5, "atol": 1e-6}
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, **tol)
+    hidden = 2 * 5 * 64
+    assert saved_lean <= saved_plain - hidden  # the GELU's output (2 x 5 x 64) is not kept
+    assert not isinstance(GeluMlp.from_timm(Mlp(16, 64, drop=0.1)), GeluMlp)  # other variants stay timm's
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_lean_dropout_attention_equals_explicit_attention_with_the_same_dropout_draws(with_mask):
+    """dropout_attention (probabilities and a boolean keep-mask kept, the rest recomputed in backward) gives the
+    output and gradients of softmax + dropout + matmul done by autograd with the same keep-mask."""
+    from models.xbert import additive_mask, dropout_attention, dropout_keep_mask
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, length, 8, generator=gen, dtype=torch.float64) for length in (5, 7, 7))
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # a strided view, as the heads of a projection are
+    mask = additive_mask(torch.tensor([[1] * 7, [1] * 4 + [0] * 3]), torch.float64) if with_mask else None
+    grad = torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64)
+    p = 0.3
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(7)
+    out = dropout_attention(*inputs, mask, p)
+    out.backward(grad)
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(torch.Size([2, 3, 5, 7]), p, q.device)
+    scores = ref_inputs[0] @ ref_inputs[1].transpose(-1, -2) / 8 ** 0.5 + (0 if mask is None else mask)
+    ref = (scores.softmax(-1) * keep / (1 - p)) @ ref_inputs[2]
+    ref.backward(grad)
+    assert 0.5 < keep.float().mean() < 0.9  # the mask really drops entries
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(inputs, ref_inputs, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_vectorised_negative_sampling_matches_a_per_row_loop_with_the_same_draws():
