@@ -1,6 +1,6 @@
-"""Evaluation metrics shared by the tasks: retrieval recall@K, top-k rerank matrices, classification accuracy."""
+"""Evaluation metrics shared by the tasks: retrieval recall@K, classification accuracy."""
 
 from metrics.classification import accuracy, confusion_counts
-from metrics.retrieval import ranks_of_targets, recall_at_k, topk_rerank_matrix
+from metrics.retrieval import ranks_of_targets, recall_at_k
 
-__all__ = ["accuracy", "confusion_counts", "ranks_of_targets", "recall_at_k", "topk_rerank_matrix"]
+__all__ = ["accuracy", "confusion_counts", "ranks_of_targets", "recall_at_k"]

@@ -1,8 +1,8 @@
-"""Image-text retrieval metrics (recall@K in ALBEF's definition) and the batched top-k rerank of a score matrix."""
+"""Image-text retrieval metrics: recall@K in ALBEF's definition, and its chance level."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -93,69 +93,6 @@ def recall_at_k(
         result[f"{prefix}_r_mean"] = sum(recalls) / len(recalls)
     result["r_mean"] = (result["txt_r_mean"] + result["img_r_mean"]) / 2
     return result
-
-
-def _rerank_share(
-    sims: torch.Tensor,
-    k: int,
-    rerank_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batch_size: int,
-    rank: int,
-    world_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rerank this rank's share of queries (every world_size-th from ``rank``).
-
-    Returns (query_indices (n,), cand_indices (n, k), scores (n, k)) on the CPU.
-    """
-    query_indices = torch.arange(rank, sims.shape[0], world_size, device=sims.device)  # (n,)
-    cand_chunks, score_chunks = [], []
-    for start in range(0, len(query_indices), batch_size):
-        queries = query_indices[start : start + batch_size]  # (b,)
-        cand_indices = sims[queries].topk(k, dim=1).indices  # (b, k)
-        scores = rerank_fn(queries, cand_indices)  # (b, k)
-        if scores.shape != cand_indices.shape:
-            raise ValueError(f"rerank_fn returned scores of shape {tuple(scores.shape)}, expected {(len(queries), k)}")
-        cand_chunks.append(cand_indices.cpu())
-        score_chunks.append(scores.detach().float().cpu())
-    if not cand_chunks:
-        return query_indices.cpu(), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
-    return query_indices.cpu(), torch.cat(cand_chunks), torch.cat(score_chunks)
-
-
-def topk_rerank_matrix(
-    sims: torch.Tensor,
-    k: int,
-    rerank_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    fill: float = -100.0,
-    batch_size: int = 128,
-    split_across_ranks: bool = False,
-) -> torch.Tensor:
-    """Score each query's top-k candidates by ``sims`` (Q, C) with ``rerank_fn`` and scatter them into a (Q, C)
-    float32 matrix holding ``fill`` elsewhere (ALBEF's -100).
-
-    rerank_fn(query_indices (b,), cand_indices (b, k)) -> scores (b, k) is called on ``batch_size`` queries at a
-    time. With split_across_ranks, each rank reranks every world_size-th query and the shares are gathered in memory
-    (engine.dist.all_gather_object), so every rank returns the full matrix.
-    """
-    if sims.ndim != 2:
-        raise ValueError(f"sims must be a (queries, candidates) matrix, got shape {tuple(sims.shape)}")
-    if not 1 <= k <= sims.shape[1]:
-        raise ValueError(f"k must be in [1, {sims.shape[1]}] (the number of candidates), got {k}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if split_across_ranks:
-        # Imported here so that the metrics stay usable without the training engine.
-        from engine import dist
-
-        share = _rerank_share(sims, k, rerank_fn, batch_size, dist.get_rank(), dist.get_world_size())
-        shares = dist.all_gather_object(share)  # one (query, cand, scores) share per rank, in memory
-    else:
-        shares = [_rerank_share(sims, k, rerank_fn, batch_size, rank=0, world_size=1)]
-
-    matrix = torch.full(tuple(sims.shape), fill, dtype=torch.float32)  # (Q, C)
-    for query_indices, cand_indices, scores in shares:
-        matrix[query_indices[:, None], cand_indices] = scores
-    return matrix.to(sims.device)
 
 
 def chance_recall(img2txt: list[list[int]], num_texts: int, k: int) -> tuple[float, float]:

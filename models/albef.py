@@ -306,11 +306,12 @@ class AlbefBase(nn.Module):
         enc = self.text_encoder_m
         return enc.bert if isinstance(enc, BertLMHeadModel) else enc
 
-    def itc(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
-            idx: Tensor | None = None) -> dict[str, Any]:
-        """Encoders, momentum update and features, ITC against the queues, queue update. Returns ``loss_ita`` and what
-        the fusion passes reuse: image_embeds, image_embeds_m, text_embeds, the in-batch similarities sim_i2t /
-        sim_t2i (hard-negative sampling) and image_kv (the image key/values of every fusion layer)."""
+    def itc_itm(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
+                idx: Tensor | None = None, neg_image_for_text: Tensor | None = None,
+                neg_text_for_image: Tensor | None = None, negative_eps: float = 1e-4) -> dict[str, Any]:
+        """The contrastive + matching part shared by pretraining, retrieval and grounding fine-tuning: encoders,
+        momentum update and features, ITC against the queues, queue update, ITM with hard negatives. Returns the
+        two losses plus what MLM reuses (image_embeds, image_embeds_m, image_kv)."""
         self.clamp_temp()
         image_embeds = self.encode_image(image)
         image_feat = self.image_feat(image_embeds)
@@ -326,33 +327,11 @@ class AlbefBase(nn.Module):
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
         sim_i2t, sim_t2i = self.inbatch_sims(image_feat, text_feat, image_feat_m, text_feat_m)
         image_kv = self.text_bert.precompute_image_kv(image_embeds)  # shared by every fusion pass of the step
-        return {"loss_ita": loss_ita, "image_embeds": image_embeds, "image_embeds_m": image_embeds_m,
-                "text_embeds": text_embeds, "sim_i2t": sim_i2t, "sim_t2i": sim_t2i, "image_kv": image_kv}
-
-    def itc_itm(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
-                idx: Tensor | None = None, neg_image_for_text: Tensor | None = None,
-                neg_text_for_image: Tensor | None = None, negative_eps: float = 1e-4) -> dict[str, Any]:
-        """The contrastive + matching part shared by retrieval and grounding fine-tuning: ``itc``, then ITM with
-        hard negatives. Returns ``itc``'s dict plus ``loss_itm``."""
-        out = self.itc(image, input_ids, attention_mask, alpha, idx=idx)
-        out["loss_itm"] = self.matching_loss(
-            out["image_embeds"], out["text_embeds"], attention_mask, out["sim_i2t"], out["sim_t2i"], idx=idx,
-            neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image, image_kv=out["image_kv"],
-            negative_eps=negative_eps)
-        return out
-
-    def draw_negatives(self, sim_i2t: Tensor, sim_t2i: Tensor, idx: Tensor | None = None,
-                       negative_eps: float = 1e-4) -> tuple[Tensor, Tensor]:
-        """(negative image for each text, negative text for each image), (B,) each, drawn from the in-batch
-        similarities (B, B); never a positive (the diagonal, or the same ``idx``)."""
-        batch = sim_i2t.shape[0]
-        if idx is None:
-            positive = torch.eye(batch, dtype=torch.bool, device=sim_i2t.device)
-        else:
-            positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
-        share = float(self.cfg["itm_random_negatives"])
-        return (sample_hard_negatives(sim_t2i, positive, negative_eps, share),
-                sample_hard_negatives(sim_i2t, positive, negative_eps, share))
+        loss_itm = self.matching_loss(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
+                                      neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image,
+                                      image_kv=image_kv, negative_eps=negative_eps)
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "image_embeds": image_embeds,
+                "image_embeds_m": image_embeds_m, "image_kv": image_kv}
 
     # ---- shared losses ---------------------------------------------------------------------------------------------
     def contrastive_loss(self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor | None,
@@ -402,7 +381,13 @@ class AlbefBase(nn.Module):
         if neg_image_for_text is None or neg_text_for_image is None:
             if sim_i2t is None or sim_t2i is None:
                 raise ValueError("matching_loss needs the in-batch similarities or explicit negatives")
-            neg_image_for_text, neg_text_for_image = self.draw_negatives(sim_i2t, sim_t2i, idx, negative_eps)
+            if idx is None:
+                positive = torch.eye(batch, dtype=torch.bool, device=image_embeds.device)
+            else:
+                positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
+            share = float(self.cfg["itm_random_negatives"])
+            neg_image_for_text = sample_hard_negatives(sim_t2i, positive, negative_eps, share)
+            neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps, share)
         if image_kv is None:
             image_kv = self.text_bert.precompute_image_kv(image_embeds)
         # Order as ALBEF: positives, (text b, its negative image), (negative text, image b).

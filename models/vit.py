@@ -41,7 +41,6 @@ class _LinearGeluLinear(torch.autograd.Function):
         hidden = F.linear(x, w1, b1)  # under autocast these run in its dtype, as nn.Linear would
         out = F.linear(F.gelu(hidden), w2, b2)
         ctx.save_for_backward(x, hidden, w1, w2)
-        ctx.b_dtypes = (b1.dtype, b2.dtype)
         return out
 
     @staticmethod
@@ -58,8 +57,8 @@ class _LinearGeluLinear(torch.autograd.Function):
         grad_w1 = flat_hidden.t() @ x.to(dtype).flatten(0, -2)
         grad_b1 = flat_hidden.sum(0)
         grad_x = (grad_hidden @ w1.to(dtype)).to(x.dtype)
-        return (grad_x, grad_w1.to(w1.dtype), grad_b1.to(ctx.b_dtypes[0]), grad_w2.to(w2.dtype),
-                grad_b2.to(ctx.b_dtypes[1]))
+        # nn.Linear keeps its bias in its weight's dtype.
+        return (grad_x, grad_w1.to(w1.dtype), grad_b1.to(w1.dtype), grad_w2.to(w2.dtype), grad_b2.to(w2.dtype))
 
 
 class GeluMlp(nn.Module):

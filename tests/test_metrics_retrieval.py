@@ -1,16 +1,12 @@
-"""metrics.retrieval: recall@K against a brute-force loop, and the top-k rerank matrix against dense scoring."""
+"""metrics.retrieval: recall@K against a brute-force loop, also on a top-k re-ranked matrix (-100 elsewhere)."""
 
 from __future__ import annotations
-
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from metrics import recall_at_k, topk_rerank_matrix
-from metrics.retrieval import _rerank_share
+from metrics import recall_at_k
 
 
 def _brute_force(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt, txt2img, ks=(1, 5, 10)) -> dict:
@@ -89,7 +85,8 @@ def test_recall_input_errors() -> None:
         recall_at_k(np.full((2, 3), np.nan), scores.T, [[0, 1], [2]], [0, 0, 1])
 
 
-def _dense_expected(sims: torch.Tensor, dense: torch.Tensor, k: int) -> torch.Tensor:
+def _top_k_reranked(sims: torch.Tensor, dense: torch.Tensor, k: int) -> torch.Tensor:
+    """ALBEF's re-ranked matrix: the dense score on each row's top k by ``sims``, -100 elsewhere."""
     expected = torch.full_like(dense, -100.0)
     for query in range(sims.shape[0]):
         top = torch.argsort(sims[query], descending=True)[:k]
@@ -97,7 +94,7 @@ def _dense_expected(sims: torch.Tensor, dense: torch.Tensor, k: int) -> torch.Te
     return expected
 
 
-def test_topk_rerank_equals_dense_scoring_on_top_k() -> None:
+def test_recall_of_a_top_k_reranked_matrix_counts_a_missed_caption_as_a_miss() -> None:
     torch.manual_seed(0)
     num_images, num_texts, k = 7, 11, 3
     sims = torch.randn(num_images, num_texts)
@@ -105,15 +102,7 @@ def test_topk_rerank_equals_dense_scoring_on_top_k() -> None:
     # Image 0's true caption (text 0) has the lowest similarity, so the rerank never sees it.
     sims[0, 0] = -10.0
     dense[0, 0] = 50.0
-    batches = []
-
-    def rerank_fn(query_indices: torch.Tensor, cand_indices: torch.Tensor) -> torch.Tensor:
-        batches.append(len(query_indices))
-        return dense[query_indices[:, None], cand_indices]
-
-    matrix = topk_rerank_matrix(sims, k, rerank_fn, batch_size=3)
-    torch.testing.assert_close(matrix, _dense_expected(sims, dense, k))
-    assert batches == [3, 3, 1]  # batched over queries
+    matrix = _top_k_reranked(sims, dense, k)
     assert matrix[0, 0] == -100.0 and (matrix != -100.0).sum(1).tolist() == [k] * num_images
     # The missed caption counts as a miss in recall@K although its dense score is the highest of its row.
     img2txt = [[image] for image in range(num_images)]
@@ -124,35 +113,3 @@ def test_topk_rerank_equals_dense_scoring_on_top_k() -> None:
     recall = recall_at_k(matrix, matrix.T.contiguous(), img2txt, txt2img, ks=(1, k))
     assert recall == pytest.approx(_brute_force(matrix.numpy(), matrix.T.numpy(), img2txt, txt2img, ks=(1, k)))
     assert recall[f"txt_r{k}"] <= 100.0 * (num_images - 1) / num_images
-
-
-def test_topk_rerank_split_across_ranks_gathers_every_share(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(1)
-    sims, dense = torch.randn(9, 6), torch.randn(9, 6)
-
-    def rerank_fn(query_indices: torch.Tensor, cand_indices: torch.Tensor) -> torch.Tensor:
-        return dense[query_indices[:, None], cand_indices]
-
-    # Single process: engine.dist gathers the one share.
-    single = topk_rerank_matrix(sims, 2, rerank_fn, batch_size=4, split_across_ranks=True)
-    torch.testing.assert_close(single, _dense_expected(sims, dense, 2))
-
-    # A two-rank run seen from rank 0: rank 1's share is computed here as rank 1 would.
-    fake_dist = types.ModuleType("engine.dist")
-    fake_dist.get_rank = lambda: 0
-    fake_dist.get_world_size = lambda: 2
-    fake_dist.all_gather_object = lambda share: [share, _rerank_share(sims, 2, rerank_fn, 4, rank=1, world_size=2)]
-    import engine
-
-    monkeypatch.setitem(sys.modules, "engine.dist", fake_dist)
-    monkeypatch.setattr(engine, "dist", fake_dist, raising=False)
-    matrix = topk_rerank_matrix(sims, 2, rerank_fn, batch_size=4, split_across_ranks=True)
-    torch.testing.assert_close(matrix, _dense_expected(sims, dense, 2))
-
-
-def test_topk_rerank_errors() -> None:
-    sims = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="k must be in \\[1, 4\\]"):
-        topk_rerank_matrix(sims, 5, lambda q, c: torch.zeros(c.shape))
-    with pytest.raises(ValueError, match="rerank_fn returned scores of shape"):
-        topk_rerank_matrix(sims, 2, lambda q, c: torch.zeros(len(q)))
