@@ -73,15 +73,18 @@ DEFAULT_REFERENCE_DIR = REPO.parent / "shared" / "fixtures" / "albef_reference" 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The folder of the ALBEF reference outputs: ALBEF_REFERENCE_DIR, else the project's shared/ folder beside the
-    repository. Where neither exists the parity tests skip and say why (DESIGN.md), except under CI (CI=true), where
-    a missing folder is a failure: CI must never pass without the parity tests."""
+    repository. Where neither exists the parity tests skip and say why (DESIGN.md), except under CI (CI=true, or
+    ALBEF_REFERENCE_REQUIRED=1, which .ci/run sets), where a missing folder is a failure: CI must never pass without
+    the parity tests."""
     value = os.environ.get("ALBEF_REFERENCE_DIR")
     path = Path(value) if value else DEFAULT_REFERENCE_DIR
     if path.is_dir():
         return path
     reason = (f"ALBEF_REFERENCE_DIR={value} is not a directory" if value else
               f"ALBEF_REFERENCE_DIR is not set and {DEFAULT_REFERENCE_DIR} does not exist")
-    if value or os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    required = any(os.environ.get(name, "").lower() in ("1", "true", "yes")
+                   for name in ("CI", "ALBEF_REFERENCE_REQUIRED"))
+    if value or required:
         pytest.fail(f"parity tests against ALBEF's reference outputs cannot run: {reason}")
     pytest.skip(f"parity tests against ALBEF's reference outputs need the fixtures: {reason}")
 
