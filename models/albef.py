@@ -308,14 +308,27 @@ class AlbefBase(nn.Module):
 
     def itc_itm(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
                 idx: Tensor | None = None, neg_image_for_text: Tensor | None = None,
-                neg_text_for_image: Tensor | None = None, negative_eps: float = 1e-4) -> dict[str, Any]:
+                neg_text_for_image: Tensor | None = None, negative_eps: float = 1e-4,
+                mlm_input_ids: Tensor | None = None) -> dict[str, Any]:
         """The contrastive + matching part shared by pretraining, retrieval and grounding fine-tuning: encoders,
         momentum update and features, ITC against the queues, queue update, ITM with hard negatives. Returns the
-        two losses plus what MLM reuses (image_embeds, image_embeds_m, image_kv)."""
+        two losses plus what MLM reuses (image_embeds, image_embeds_m, image_kv).
+
+        ``mlm_input_ids`` (pretraining: the masked copies of the texts) ride along in the same passes: the text layers
+        run once over 2B texts and the fusion layers once over the 3B ITM pairs + the B masked texts with their
+        images; their fused hidden states come back as ``mlm_hidden`` (B, L, D). Same values as separate passes, but
+        each layer's weight gradient is formed in one piece, so backward holds no partial gradient of a layer while
+        waiting for the other pass to reach it (live tensor peak of the base step 1.50 -> 1.15 GB), and the matmuls are
+        larger."""
         self.clamp_temp()
         image_embeds = self.encode_image(image)
         image_feat = self.image_feat(image_embeds)
-        text_embeds = self.encode_text(input_ids, attention_mask)
+        mlm_text_embeds = None
+        if mlm_input_ids is None:
+            text_embeds = self.encode_text(input_ids, attention_mask)
+        else:
+            text_embeds, mlm_text_embeds = self.encode_text(
+                torch.cat([input_ids, mlm_input_ids]), attention_mask.repeat(2, 1)).chunk(2)
         text_feat = self.text_feat(text_embeds)
         with torch.no_grad():
             self.momentum_update()
@@ -327,11 +340,20 @@ class AlbefBase(nn.Module):
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
         sim_i2t, sim_t2i = self.inbatch_sims(image_feat, text_feat, image_feat_m, text_feat_m)
         image_kv = self.text_bert.precompute_image_kv(image_embeds)  # shared by every fusion pass of the step
-        loss_itm = self.matching_loss(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
-                                      neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image,
-                                      image_kv=image_kv, negative_eps=negative_eps)
-        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "image_embeds": image_embeds,
-                "image_embeds_m": image_embeds_m, "image_kv": image_kv}
+        texts, masks, kvs = self.matching_pairs(image_kv, text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
+                                                neg_image_for_text=neg_image_for_text,
+                                                neg_text_for_image=neg_text_for_image, negative_eps=negative_eps)
+        out = {"image_embeds": image_embeds, "image_embeds_m": image_embeds_m, "image_kv": image_kv,
+               "loss_ita": loss_ita}
+        if mlm_text_embeds is not None:
+            texts, masks = torch.cat([texts, mlm_text_embeds]), torch.cat([masks, attention_mask])
+            kvs = cat_image_kv(kvs, image_kv)
+        fused = self.fuse(texts, masks, None, image_kv=kvs)
+        pairs = 3 * image.shape[0]
+        out["loss_itm"] = self.itm_loss(fused[:pairs, 0, :])
+        if mlm_text_embeds is not None:
+            out["mlm_hidden"] = fused[pairs:]
+        return out
 
     # ---- shared losses ---------------------------------------------------------------------------------------------
     def contrastive_loss(self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor | None,
@@ -373,39 +395,55 @@ class AlbefBase(nn.Module):
                       sim_i2t: Tensor | None = None, sim_t2i: Tensor | None = None, idx: Tensor | None = None,
                       neg_image_for_text: Tensor | None = None, neg_text_for_image: Tensor | None = None,
                       image_kv: list | None = None, negative_eps: float = 1e-4) -> Tensor:
-        """ITM: the positive pairs, plus for each text a hard negative image and for each image a hard negative text,
-        drawn from the in-batch similarities ``sim_i2t`` / ``sim_t2i`` (B, B) (never a positive: the diagonal, or the
-        same ``idx``), in one fusion pass of 3B pairs that reuses the image key/values. Negatives can be passed in
-        (tests, parity) instead of the similarities."""
-        batch = image_embeds.shape[0]
+        """ITM: the positive pairs, plus for each text a hard negative image and for each image a hard negative text
+        (``matching_pairs``), in one fusion pass of 3B pairs that reuses the image key/values."""
+        if image_kv is None:
+            image_kv = self.text_bert.precompute_image_kv(image_embeds)
+        texts, masks, kvs = self.matching_pairs(image_kv, text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
+                                                neg_image_for_text=neg_image_for_text,
+                                                neg_text_for_image=neg_text_for_image, negative_eps=negative_eps)
+        return self.itm_loss(self.fuse(texts, masks, None, image_kv=kvs)[:, 0, :])
+
+    def matching_pairs(self, image_kv: list, text_embeds: Tensor, attention_mask: Tensor,
+                       sim_i2t: Tensor | None = None, sim_t2i: Tensor | None = None, idx: Tensor | None = None,
+                       neg_image_for_text: Tensor | None = None, neg_text_for_image: Tensor | None = None,
+                       negative_eps: float = 1e-4) -> tuple[Tensor, Tensor, list]:
+        """The 3B ITM pairs as fusion inputs (texts, masks, image key/values), in ALBEF's order: positives, (text b,
+        its negative image), (negative text, image b). Negatives are drawn from the in-batch similarities
+        ``sim_i2t`` / ``sim_t2i`` (B, B), never a positive (the diagonal, or the same ``idx``), or passed in (tests,
+        parity)."""
+        batch = text_embeds.shape[0]
         if neg_image_for_text is None or neg_text_for_image is None:
             if sim_i2t is None or sim_t2i is None:
                 raise ValueError("matching_loss needs the in-batch similarities or explicit negatives")
             if idx is None:
-                positive = torch.eye(batch, dtype=torch.bool, device=image_embeds.device)
+                positive = torch.eye(batch, dtype=torch.bool, device=text_embeds.device)
             else:
                 positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
             share = float(self.cfg["itm_random_negatives"])
             neg_image_for_text = sample_hard_negatives(sim_t2i, positive, negative_eps, share)
             neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps, share)
-        if image_kv is None:
-            image_kv = self.text_bert.precompute_image_kv(image_embeds)
-        # Order as ALBEF: positives, (text b, its negative image), (negative text, image b).
-        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_for_image]])
-        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_for_image]])
-        kv_all = cat_image_kv(image_kv, select_image_kv(image_kv, neg_image_for_text), image_kv)
-        fused = self.fuse(text_all, mask_all, None, image_kv=kv_all)
-        logits = self.itm_head(fused[:, 0, :])  # (3B, 2)
+        texts = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_for_image]])
+        masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_for_image]])
+        return texts, masks, cat_image_kv(image_kv, select_image_kv(image_kv, neg_image_for_text), image_kv)
+
+    def itm_loss(self, fused_cls: Tensor) -> Tensor:
+        """Cross-entropy of the ITM head on the fused [CLS] states of the 3B pairs (the first B positive)."""
+        logits = self.itm_head(fused_cls)  # (3B, 2)
+        batch = logits.shape[0] // 3
         labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
         return F.cross_entropy(logits, labels.to(logits.device))
 
     def mlm_loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor, image_embeds: Tensor,
-                 image_embeds_m: Tensor | None, alpha: float, image_kv: list | None = None) -> Tensor:
+                 image_embeds_m: Tensor | None, alpha: float, image_kv: list | None = None,
+                 hidden: Tensor | None = None) -> Tensor:
         """Masked language modelling conditioned on the image, with the momentum model's predictions as soft labels.
-        Vocabulary logits are computed only at the masked positions (the loss only reads those)."""
+        Vocabulary logits are computed only at the masked positions (the loss only reads those). ``hidden``: the
+        fused states of ``input_ids`` when already computed (``itc_itm(mlm_input_ids=...)``)."""
         scored = labels != -100  # (B, L)
-        hidden = self.text_encoder.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds,
-                                        mode="multi_modal", image_kv=image_kv)
+        if hidden is None:
+            hidden = self.text_encoder.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds,
+                                            mode="multi_modal", image_kv=image_kv)
         logits = self.text_encoder.cls(hidden[scored])  # (M, V)
         targets = labels[scored]
         loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0

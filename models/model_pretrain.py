@@ -29,13 +29,14 @@ class AlbefPretrain(AlbefBase):
     def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float = 0.0,
                 neg_image_for_text: Tensor | None = None, neg_text_for_image: Tensor | None = None,
                 mlm_input_ids: Tensor | None = None, mlm_labels: Tensor | None = None) -> dict[str, Tensor]:
-        """One pretraining step's losses. Negatives and MLM masks are drawn here unless passed in."""
-        out = self.itc_itm(image, input_ids, attention_mask, alpha, neg_image_for_text=neg_image_for_text,
-                           neg_text_for_image=neg_text_for_image)
+        """One pretraining step's losses. Negatives and MLM masks are drawn here unless passed in. The masked texts
+        share the text and fusion passes of ITC/ITM (``itc_itm``)."""
         if mlm_input_ids is None or mlm_labels is None:
             mlm_input_ids, mlm_labels = mask_tokens(input_ids, self.special, self.mlm_probability)
+        out = self.itc_itm(image, input_ids, attention_mask, alpha, neg_image_for_text=neg_image_for_text,
+                           neg_text_for_image=neg_text_for_image, mlm_input_ids=mlm_input_ids)
         loss_mlm = self.mlm_loss(mlm_input_ids, mlm_labels, attention_mask, out["image_embeds"],
-                                 out["image_embeds_m"], alpha, image_kv=out["image_kv"])
+                                 out["image_embeds_m"], alpha, hidden=out["mlm_hidden"])
         return {"loss_ita": out["loss_ita"], "loss_itm": out["loss_itm"], "loss_mlm": loss_mlm}
 
     @staticmethod

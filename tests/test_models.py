@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -222,6 +223,37 @@ def test_batched_itm_with_shared_image_kv_equals_looped_per_pair_passes(tmp_path
         slow = F.cross_entropy(torch.cat(logits), torch.tensor(labels))
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
+
+
+def test_mlm_sharing_the_itm_passes_equals_a_separate_mlm_pass(tmp_path):
+    """Pretraining runs the masked texts through the same text and fusion passes as ITC/ITM; losses and every
+    gradient equal a separate MLM pass over the shared image key/values (dropout off, same negatives and masks)."""
+    from models.albef import mask_tokens
+
+    torch.manual_seed(0)
+    merged = create_model("pretrain", tiny_cfg(tmp_path), special=SPECIAL).eval()
+    separate = copy.deepcopy(merged)
+    image, ids, mask = tiny_batch()
+    negatives = {"neg_image_for_text": torch.tensor([1, 2, 3, 0]), "neg_text_for_image": torch.tensor([3, 0, 1, 2])}
+    mlm_ids, mlm_labels = mask_tokens(ids, SPECIAL, 0.5, generator=torch.Generator().manual_seed(0))
+    assert (mlm_labels != -100).any()
+
+    losses = merged(image, ids, mask, alpha=0.4, mlm_input_ids=mlm_ids, mlm_labels=mlm_labels, **negatives)
+    out = separate.itc_itm(image, ids, mask, 0.4, **negatives)
+    reference = {"loss_ita": out["loss_ita"], "loss_itm": out["loss_itm"],
+                 "loss_mlm": separate.mlm_loss(mlm_ids, mlm_labels, mask, out["image_embeds"], out["image_embeds_m"],
+                                               0.4, image_kv=out["image_kv"])}
+    for name, value in reference.items():
+        torch.testing.assert_close(losses[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    sum(losses.values()).backward()
+    sum(reference.values()).backward()
+    grads = {name: p.grad for name, p in separate.named_parameters() if p.grad is not None}
+    assert len(grads) > 50
+    for name, p in merged.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        else:
+            assert p.grad is None, name
 
 @pytest.mark.parametrize("targets_sum_to_one", [True, False])
 def test_contrastive_loss_with_gradient_formed_in_forward_equals_autograd(targets_sum_to_one):
