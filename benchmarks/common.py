@@ -6,6 +6,7 @@ import json
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,42 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def malloc_name() -> str:
+    """The C allocator serving this process: a preloaded tcmalloc / jemalloc / mimalloc, else glibc's."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc"
+
+
+def tensor_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the parameters, buffers and optimizer state (what stays allocated between steps)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    for state in optimizer.state.values():
+        tensors.update({t.data_ptr(): t for t in state.values() if torch.is_tensor(t)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def step_live_peak_bytes(step: Callable[[], None]) -> int:
+    """Peak of the bytes of tensors allocated during one call of ``step`` and still alive, above what was allocated
+    when it began, from the profiler's allocation events (CPU). Unlike RSS, this does not depend on the C
+    allocator's caching and fragmentation: it is what an ideal allocator would need, as GPU max_allocated is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:

@@ -6,20 +6,40 @@
 The step is the engine's: forward (named losses) -> sum -> backward -> clip -> AdamW step (fused on CUDA and
 CPU, the factory's default). FLOPs come from torch's FlopCounterMode over one step; MFU divides the achieved FLOP/s
 by a matmul peak measured in the same run on the same device and dtype.
+
+Memory fields: ``peak_memory_gb`` is the process's peak RSS on CPU (what the machine must have; it includes the
+libraries and whatever the C allocator keeps cached or fragmented, so it depends on ``malloc``, the allocator found
+in the process) and max allocated on GPU. ``tensor_state_gb`` is parameters + buffers + optimizer state, and
+``step_live_peak_gb`` (CPU) the peak of the tensors a step allocates on top of it, from the profiler's allocation
+events: together they are what an ideal allocator would need, comparable with GPU max allocated.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler (live-memory step) would log GPU probing errors
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import emit, matmul_peak_flops, median, model_cfg, peak_memory_bytes, random_text, sync  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    emit,
+    malloc_name,
+    matmul_peak_flops,
+    median,
+    model_cfg,
+    peak_memory_bytes,
+    random_text,
+    step_live_peak_bytes,
+    sync,
+    tensor_state_bytes,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         times.append(time.perf_counter() - start)
 
     peak_bytes = peak_memory_bytes(device)  # before the FLOP-counting step, which keeps records of its own
+    live_peak = step_live_peak_bytes(step) if device.type == "cpu" else None
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -104,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": args.compile, "grad_ckpt": args.grad_ckpt, "fused_adamw": args.fused, "device": str(device),
         "threads": torch.get_num_threads(), "median_step_s": round(seconds, 4),
         "samples_per_s": round(args.batch / seconds, 3), "peak_memory_gb": round(peak_bytes / 1e9, 3),
+        "tensor_state_gb": round(tensor_state_bytes(model, optimizer) / 1e9, 3),
+        "step_live_peak_gb": None if live_peak is None else round(live_peak / 1e9, 3), "malloc": malloc_name(),
         "flops_per_step": flops, "achieved_tflops": round(flops / seconds / 1e12, 4),
         "matmul_peak_tflops": round(peak / 1e12, 4), "mfu": round(flops / seconds / peak, 4),
         "torch": torch.__version__,
