@@ -4,8 +4,12 @@
 #   bash run.sh test [pytest args] setup, then the test suite
 #   bash run.sh demo               setup, then the CPU demo (synthetic data, tiny model, minutes)
 #   bash run.sh <Task> [args...]   launch <Task>.py through torchrun, e.g. bash run.sh Pretrain --config configs/Pretrain.yaml
+#   bash run.sh malloc             print the C allocator library that demo and <Task> preload (empty: glibc's)
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE (defaults: 1 node, one process per
 # local GPU, one process on a CPU-only machine). Example: NNODES=4 NODE_RANK=0 MASTER_ADDR=10.1.1.1 bash run.sh Pretrain ...
+# ALIGNFUSE_MALLOC=auto|tcmalloc|jemalloc|glibc picks the C allocator of demo and <Task> runs (auto: tcmalloc when
+# installed, e.g. apt-get install libtcmalloc-minimal4; faster and leaner than glibc's for the host side, see
+# benchmarks/README.md). Tests run on the system's default allocator.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -33,6 +37,33 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+malloc_lib() {
+  # The shared library to preload for ALIGNFUSE_MALLOC; nothing for glibc. A named allocator that is missing is an error.
+  local want="${ALIGNFUSE_MALLOC:-auto}" name lib
+  case "$want" in
+    glibc) return 0 ;;
+    auto) name=libtcmalloc_minimal.so.4 ;;
+    tcmalloc) name=libtcmalloc_minimal.so.4 ;;
+    jemalloc) name=libjemalloc.so.2 ;;
+    *) echo "run.sh: ALIGNFUSE_MALLOC must be auto, tcmalloc, jemalloc or glibc, got '$want'" >&2; return 2 ;;
+  esac
+  lib="$( (/sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null) | awk -v n="$name" '$1 == n && $NF ~ /^\// {print $NF; exit}')"
+  if [ -z "$lib" ] && [ "$want" != auto ]; then
+    echo "run.sh: ALIGNFUSE_MALLOC=$want but $name is not installed (Debian/Ubuntu: apt-get install $([ "$want" = tcmalloc ] && echo libtcmalloc-minimal4 || echo libjemalloc2))" >&2
+    return 2
+  fi
+  [ -n "$lib" ] && echo "$lib"
+  return 0
+}
+
+preload_malloc() {
+  local lib
+  lib="$(malloc_lib)" || exit 2
+  if [ -n "$lib" ]; then
+    export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+  fi
+}
+
 launch() {
   local task="$1"; shift
   [ -f "$ROOT/$task.py" ] || { echo "run.sh: no task script $task.py (tasks: $(ls "$ROOT" | sed -n 's/^\([A-Z][A-Za-z_]*\)\.py$/\1/p' | tr '\n' ' '))" >&2; exit 2; }
@@ -56,7 +87,9 @@ case "$verb" in
   demo)
     setup
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    preload_malloc
     exec "$PY" demo.py "$@" ;;
-  help|-h|--help) sed -n '2,9p' "$0" ;;
-  *) setup; launch "$verb" "$@" ;;
+  malloc) malloc_lib ;;
+  help|-h|--help) sed -n '2,12p' "$0" ;;
+  *) setup; preload_malloc; launch "$verb" "$@" ;;
 esac
