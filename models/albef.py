@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from engine import dist
 from models.vit import create_vit
-from models.xbert import BertConfig, BertLMHeadModel, BertModel, cat_image_kv, init_bert_weights, select_image_kv
+from models.xbert import BertConfig, BertLMHeadModel, BertModel, init_bert_weights, select_image_kv
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,6 @@ class AlbefBase(nn.Module):
         waiting for the other pass to reach it (live tensor peak of the base step 1.50 -> 1.15 GB), and the matmuls are
         larger."""
         self.clamp_temp()
-        image_embeds = self.encode_image(image)
-        image_feat = self.image_feat(image_embeds)
         mlm_text_embeds = None
         if mlm_input_ids is None:
             text_embeds = self.encode_text(input_ids, attention_mask)
@@ -330,6 +328,8 @@ class AlbefBase(nn.Module):
             text_embeds, mlm_text_embeds = self.encode_text(
                 torch.cat([input_ids, mlm_input_ids]), attention_mask.repeat(2, 1)).chunk(2)
         text_feat = self.text_feat(text_embeds)
+        image_embeds = self.encode_image(image)
+        image_feat = self.image_feat(image_embeds)
         with torch.no_grad():
             self.momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
@@ -340,15 +340,15 @@ class AlbefBase(nn.Module):
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
         sim_i2t, sim_t2i = self.inbatch_sims(image_feat, text_feat, image_feat_m, text_feat_m)
         image_kv = self.text_bert.precompute_image_kv(image_embeds)  # shared by every fusion pass of the step
-        texts, masks, kvs = self.matching_pairs(image_kv, text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
-                                                neg_image_for_text=neg_image_for_text,
-                                                neg_text_for_image=neg_text_for_image, negative_eps=negative_eps)
+        texts, masks, rows = self.matching_pairs(text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
+                                                 neg_image_for_text=neg_image_for_text,
+                                                 neg_text_for_image=neg_text_for_image, negative_eps=negative_eps)
         out = {"image_embeds": image_embeds, "image_embeds_m": image_embeds_m, "image_kv": image_kv,
                "loss_ita": loss_ita}
         if mlm_text_embeds is not None:
             texts, masks = torch.cat([texts, mlm_text_embeds]), torch.cat([masks, attention_mask])
-            kvs = cat_image_kv(kvs, image_kv)
-        fused = self.fuse(texts, masks, None, image_kv=kvs)
+            rows = torch.cat([rows, torch.arange(image.shape[0], device=rows.device)])
+        fused = self.fuse(texts, masks, None, image_kv=select_image_kv(image_kv, rows))
         pairs = 3 * image.shape[0]
         out["loss_itm"] = self.itm_loss(fused[:pairs, 0, :])
         if mlm_text_embeds is not None:
@@ -399,17 +399,17 @@ class AlbefBase(nn.Module):
         (``matching_pairs``), in one fusion pass of 3B pairs that reuses the image key/values."""
         if image_kv is None:
             image_kv = self.text_bert.precompute_image_kv(image_embeds)
-        texts, masks, kvs = self.matching_pairs(image_kv, text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
-                                                neg_image_for_text=neg_image_for_text,
-                                                neg_text_for_image=neg_text_for_image, negative_eps=negative_eps)
-        return self.itm_loss(self.fuse(texts, masks, None, image_kv=kvs)[:, 0, :])
+        texts, masks, rows = self.matching_pairs(text_embeds, attention_mask, sim_i2t, sim_t2i, idx=idx,
+                                                 neg_image_for_text=neg_image_for_text,
+                                                 neg_text_for_image=neg_text_for_image, negative_eps=negative_eps)
+        return self.itm_loss(self.fuse(texts, masks, None, image_kv=select_image_kv(image_kv, rows))[:, 0, :])
 
-    def matching_pairs(self, image_kv: list, text_embeds: Tensor, attention_mask: Tensor,
+    def matching_pairs(self, text_embeds: Tensor, attention_mask: Tensor,
                        sim_i2t: Tensor | None = None, sim_t2i: Tensor | None = None, idx: Tensor | None = None,
                        neg_image_for_text: Tensor | None = None, neg_text_for_image: Tensor | None = None,
-                       negative_eps: float = 1e-4) -> tuple[Tensor, Tensor, list]:
-        """The 3B ITM pairs as fusion inputs (texts, masks, image key/values), in ALBEF's order: positives, (text b,
-        its negative image), (negative text, image b). Negatives are drawn from the in-batch similarities
+                       negative_eps: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
+        """The 3B ITM pairs as fusion inputs (texts, masks, image row of each pair), in ALBEF's order: positives,
+        (text b, its negative image), (negative text, image b). Negatives are drawn from the in-batch similarities
         ``sim_i2t`` / ``sim_t2i`` (B, B), never a positive (the diagonal, or the same ``idx``), or passed in (tests,
         parity)."""
         batch = text_embeds.shape[0]
@@ -425,7 +425,8 @@ class AlbefBase(nn.Module):
             neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps, share)
         texts = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_for_image]])
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_for_image]])
-        return texts, masks, cat_image_kv(image_kv, select_image_kv(image_kv, neg_image_for_text), image_kv)
+        images = torch.arange(batch, device=text_embeds.device)
+        return texts, masks, torch.cat([images, neg_image_for_text.to(images.device), images])
 
     def itm_loss(self, fused_cls: Tensor) -> Tensor:
         """Cross-entropy of the ITM head on the fused [CLS] states of the 3B pairs (the first B positive)."""

@@ -4,7 +4,8 @@
 ``image_res`` (resampling the position embedding) lives here, in ``resample_pos_embed``.
 
 Each block's MLP is ``GeluMlp`` (timm's ``Mlp`` maths and parameter names): it keeps the fc1 output for backward
-and recomputes the GELU there, instead of keeping both (a quarter of the image encoder's activation memory).
+and recomputes the GELU there (``models.layers``), instead of keeping both (a quarter of the image encoder's
+activation memory).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import logging
 from functools import partial
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from timm.layers import Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from models.layers import linear_gelu_linear
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +31,6 @@ VIT_DEFAULTS: dict[str, Any] = {
     "drop_path_rate": 0.0,
     "pretrained": "",  # timm model name whose weights initialise the encoder in real runs (e.g. deit_base_patch16_224)
 }
-
-
-class _LinearGeluLinear(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) that saves x and fc1's output, and recomputes the GELU in backward (autograd would also
-    keep the GELU's output, as fc2's input: 4 x width per token, ~150 MB for ViT-B at batch 4 and 256 px)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-        hidden = F.linear(x, w1, b1)  # under autocast these run in its dtype, as nn.Linear would
-        out = F.linear(F.gelu(hidden), w2, b2)
-        ctx.save_for_backward(x, hidden, w1, w2)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, ...]:
-        x, hidden, w1, w2 = ctx.saved_tensors
-        dtype = hidden.dtype  # the compute dtype of forward (bf16 under autocast)
-        grad_out = grad_out.to(dtype)
-        act = F.gelu(hidden)
-        grad_w2 = grad_out.flatten(0, -2).t() @ act.flatten(0, -2)
-        grad_b2 = grad_out.flatten(0, -2).sum(0)
-        grad_hidden = torch.ops.aten.gelu_backward(grad_out @ w2.to(dtype), hidden)
-        del act
-        flat_hidden = grad_hidden.flatten(0, -2)
-        grad_w1 = flat_hidden.t() @ x.to(dtype).flatten(0, -2)
-        grad_b1 = flat_hidden.sum(0)
-        grad_x = (grad_hidden @ w1.to(dtype)).to(x.dtype)
-        # nn.Linear keeps its bias in its weight's dtype.
-        return (grad_x, grad_w1.to(w1.dtype), grad_b1.to(w1.dtype), grad_w2.to(w2.dtype), grad_b2.to(w2.dtype))
 
 
 class GeluMlp(nn.Module):
@@ -78,9 +50,7 @@ class GeluMlp(nn.Module):
         return cls(mlp.fc1, mlp.fc2) if plain else mlp
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return self.fc2(F.gelu(self.fc1(x)))
-        return _LinearGeluLinear.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return linear_gelu_linear(x, self.fc1, self.fc2)
 
 
 class VisualEncoder(VisionTransformer):

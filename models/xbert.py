@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.layers import linear_gelu_linear
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MASK_VALUE = -10000.0  # ALBEF / BERT additive mask value; kept for numerical parity with official checkpoints
 
@@ -137,36 +139,54 @@ def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tens
 
 class _DropoutAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(d) + mask), dropout(p), times v; keeps q, k, v (views, no copies), the probabilities and
-    a boolean keep-mask for backward, where the dropped probabilities are recomputed."""
+    a boolean keep-mask for backward, where the dropped probabilities are recomputed.
+
+    With ``rows`` (B,), query b attends to key/value row ``rows[b]``: the gathered keys and values are formed in
+    forward and again in backward, never kept, so fusion passes over the same images several times (the ITM pairs
+    and the MLM texts of a pretraining step) keep one copy of the image key/values, not one per pair."""
 
     @staticmethod
-    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float) -> Tensor:
+    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float,
+                rows: Tensor | None) -> Tensor:
         scale = 1.0 / math.sqrt(query.shape[-1])
-        scores = query @ key.transpose(-1, -2) * scale  # (B, nh, L, S)
+        pair_key, pair_value = _gather_rows(key, rows), _gather_rows(value, rows)
+        scores = query @ pair_key.transpose(-1, -2) * scale  # (B, nh, L, S)
+        del pair_key
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(dim=-1)
         del scores
         keep = dropout_keep_mask(probs.shape, p, probs.device)
-        context = (probs * keep * (1.0 / (1.0 - p))) @ value
-        ctx.save_for_backward(query, key, value, probs, keep)
+        context = (probs * keep * (1.0 / (1.0 - p))) @ pair_value
+        ctx.save_for_backward(query, key, value, probs, keep, rows)
         ctx.scale, ctx.p = scale, p
         return context
 
     @staticmethod
     def backward(ctx: Any, grad_context: Tensor) -> tuple[Tensor | None, ...]:
-        query, key, value, probs, keep = ctx.saved_tensors
+        query, key, value, probs, keep, rows = ctx.saved_tensors
         rescale = 1.0 / (1.0 - ctx.p)
         grad_value = (probs * keep * rescale).transpose(-1, -2) @ grad_context
-        grad_probs = (grad_context @ value.transpose(-1, -2)) * keep * rescale
+        grad_probs = (grad_context @ _gather_rows(value, rows).transpose(-1, -2)) * keep * rescale
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True)) * ctx.scale
         del grad_probs
-        return grad_scores @ key, grad_scores.transpose(-1, -2) @ query, grad_value, None, None
+        grad_query = grad_scores @ _gather_rows(key, rows)
+        grad_key = grad_scores.transpose(-1, -2) @ query
+        if rows is not None:  # the gradient of a gather: each pair's rows summed into its image's row
+            grad_key = key.new_zeros(key.shape).index_add_(0, rows, grad_key)
+            grad_value = value.new_zeros(value.shape).index_add_(0, rows, grad_value)
+        return grad_query, grad_key, grad_value, None, None, None
 
 
-def dropout_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float) -> Tensor:
-    """Attention with dropout ``p`` on the probabilities (training), lean in memory; heads (B, nh, L|S, hd)."""
-    return _DropoutAttention.apply(query, key, value, mask, p)
+def _gather_rows(tensor: Tensor, rows: Tensor | None) -> Tensor:
+    return tensor if rows is None else tensor.index_select(0, rows)
+
+
+def dropout_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float,
+                      rows: Tensor | None = None) -> Tensor:
+    """Attention with dropout ``p`` on the probabilities (training), lean in memory; heads (B, nh, L|S, hd), or
+    with ``rows`` key/value (K, nh, S, hd) of which query b reads row ``rows[b]``."""
+    return _DropoutAttention.apply(query, key, value, mask, p, rows)
 
 
 class BertSelfAttention(nn.Module):
@@ -208,10 +228,15 @@ class BertSelfAttention(nn.Module):
         query = self._split(self.query(hidden_states))
         if kv is None:
             kv = self.project_kv(hidden_states if kv_states is None else kv_states)
-        key, value = kv
+        key, value, rows = kv if len(kv) == 3 else (*kv, None)  # rows: select_image_kv
         if mask is not None:
             mask = mask.to(query.dtype)
-        if self.save_attention:
+        lean = (not self.save_attention and self.training and self.dropout_p > 0 and query.device.type == "cpu"
+                and query.dtype == torch.float32 and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+        if lean:
+            context = dropout_attention(query, key, value, mask, self.dropout_p, rows)
+        elif self.save_attention:
+            key, value = _gather_rows(key, rows), _gather_rows(value, rows)
             scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, L, S)
             if mask is not None:
                 scores = scores + mask
@@ -220,10 +245,8 @@ class BertSelfAttention(nn.Module):
             if probs.requires_grad:
                 probs.register_hook(self._keep_grad)
             context = F.dropout(probs, self.dropout_p, self.training) @ value
-        elif (self.training and self.dropout_p > 0 and query.device.type == "cpu" and query.dtype == torch.float32
-              and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
-            context = dropout_attention(query, key, value, mask, self.dropout_p)
         else:
+            key, value = _gather_rows(key, rows), _gather_rows(value, rows)
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                      dropout_p=self.dropout_p if self.training else 0.0)
         batch, _, length, _ = context.shape
@@ -270,7 +293,11 @@ class BertOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+        return self.add_norm(self.dense(hidden_states), residual)
+
+    def add_norm(self, projected: Tensor, residual: Tensor) -> Tensor:
+        """Dropout, residual, LayerNorm after ``dense``."""
+        return self.LayerNorm(self.dropout(projected) + residual)
 
 
 class BertLayer(nn.Module):
@@ -290,6 +317,9 @@ class BertLayer(nn.Module):
             if image_states is None and image_kv is None:
                 raise ValueError("a fusion layer needs image states (encoder_hidden_states) or their key/values")
             hidden_states = self.crossattention(hidden_states, image_mask, image_kv, image_states)
+        if self.intermediate.act is F.gelu:  # the GELU recomputed in backward, not kept (models.layers)
+            mlp = linear_gelu_linear(hidden_states, self.intermediate.dense, self.output.dense)
+            return self.output.add_norm(mlp, hidden_states)
         return self.output(self.intermediate(hidden_states), hidden_states)
 
 
@@ -380,14 +410,11 @@ class BertModel(nn.Module):
         return self.encoder(hidden_states, self_mask, mode, encoder_hidden_states, image_mask, image_kv)
 
 
-def select_image_kv(image_kv: list[tuple[Tensor, Tensor]], index: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Rows ``index`` of precomputed image key/values (e.g. the hard-negative images)."""
-    return [(key.index_select(0, index), value.index_select(0, index)) for key, value in image_kv]
-
-
-def cat_image_kv(*kvs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """Concatenate precomputed image key/values along the batch."""
-    return [(torch.cat([kv[i][0] for kv in kvs]), torch.cat([kv[i][1] for kv in kvs])) for i in range(len(kvs[0]))]
+def select_image_kv(image_kv: list[tuple[Tensor, Tensor]], rows: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Rows ``rows`` of precomputed image key/values (fusion input b attends to image ``rows[b]``), as
+    (key, value, rows) per layer: cross-attention gathers them where it reads them, and in CPU training does not keep
+    the gathered copies for backward (``_DropoutAttention``)."""
+    return [(key, value, rows) for key, value in image_kv]
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -401,6 +428,30 @@ class BertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(self.act(self.dense(hidden_states)))
 
 
+class _TiedDecoder(torch.autograd.Function):
+    """The vocabulary projection ``F.linear(x, weight, bias)`` whose weight gradient is formed as a (V, D) tensor of
+    its own. Autograd's own is a transposed view of a (D, V) product; the decoder weight is the word embedding, which
+    also gets the embedding lookup's gradient, and autograd adds two gradients of one tensor in place only when
+    neither is a view: it allocated a third vocabulary-sized tensor (94 MB for BERT-base) at the end of backward,
+    at the step's memory peak."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        out = F.linear(x, weight, bias)  # under autocast in its dtype, as nn.Linear
+        ctx.save_for_backward(x, weight)
+        ctx.dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, ...]:
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.dtype)
+        flat_grad = grad_out.flatten(0, -2)
+        grad_weight = flat_grad.t() @ x.to(ctx.dtype).flatten(0, -2)  # (V, D), not a view
+        grad_x = (grad_out @ weight.to(ctx.dtype)).to(x.dtype)
+        return grad_x, grad_weight.to(weight.dtype), flat_grad.sum(0).to(weight.dtype)
+
+
 class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -409,7 +460,10 @@ class BertLMPredictionHead(nn.Module):
         self.bias = self.decoder.bias  # same Parameter under both official key names
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.decoder(self.transform(hidden_states))
+        hidden_states = self.transform(hidden_states)
+        if not (torch.is_grad_enabled() and self.decoder.weight.requires_grad):
+            return self.decoder(hidden_states)
+        return _TiedDecoder.apply(hidden_states, self.decoder.weight, self.decoder.bias)
 
 
 class BertOnlyMLMHead(nn.Module):

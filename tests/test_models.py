@@ -319,31 +319,149 @@ def test_vit_mlp_recomputing_gelu_equals_timms_mlp(amp):
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_lean_dropout_attention_equals_explicit_attention_with_the_same_dropout_draws(with_mask):
+@pytest.mark.parametrize("gathered", [False, True])
+def test_lean_dropout_attention_equals_explicit_attention_with_the_same_dropout_draws(with_mask, gathered):
     """dropout_attention (probabilities and a boolean keep-mask kept, the rest recomputed in backward) gives the
-    output and gradients of softmax + dropout + matmul done by autograd with the same keep-mask."""
+    output and gradients of softmax + dropout + matmul done by autograd with the same keep-mask; with ``rows`` (query
+    b reads key/value row rows[b], gathered inside and not kept), those of index_select then attention."""
     from models.xbert import additive_mask, dropout_attention, dropout_keep_mask
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, length, 8, generator=gen, dtype=torch.float64) for length in (5, 7, 7))
+    rows = torch.tensor([2, 0, 2, 1, 2]) if gathered else None
+    batch, images = (5, 3) if gathered else (2, 2)
+    q = torch.randn(batch, 3, 5, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(images, 3, 7, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     k = k.transpose(1, 2).contiguous().transpose(1, 2)  # a strided view, as the heads of a projection are
-    mask = additive_mask(torch.tensor([[1] * 7, [1] * 4 + [0] * 3]), torch.float64) if with_mask else None
-    grad = torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64)
+    lengths = [7, 4, 7, 7, 5][:batch]
+    mask = additive_mask(torch.tensor([[1] * n + [0] * (7 - n) for n in lengths]), torch.float64) if with_mask else None
+    grad = torch.randn(batch, 3, 5, 8, generator=gen, dtype=torch.float64)
     p = 0.3
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(7)
-    out = dropout_attention(*inputs, mask, p)
+    out = dropout_attention(*inputs, mask, p, rows)
     out.backward(grad)
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(7)
-    keep = dropout_keep_mask(torch.Size([2, 3, 5, 7]), p, q.device)
-    scores = ref_inputs[0] @ ref_inputs[1].transpose(-1, -2) / 8 ** 0.5 + (0 if mask is None else mask)
-    ref = (scores.softmax(-1) * keep / (1 - p)) @ ref_inputs[2]
+    keep = dropout_keep_mask(torch.Size([batch, 3, 5, 7]), p, q.device)
+    ref_k, ref_v = ref_inputs[1:] if rows is None else (t.index_select(0, rows) for t in ref_inputs[1:])
+    scores = ref_inputs[0] @ ref_k.transpose(-1, -2) / 8 ** 0.5 + (0 if mask is None else mask)
+    ref = (scores.softmax(-1) * keep / (1 - p)) @ ref_v
     ref.backward(grad)
     assert 0.5 < keep.float().mean() < 0.9  # the mask really drops entries
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(inputs, ref_inputs, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fusion_over_gathered_image_rows_equals_fusion_over_copied_rows_in_training(tmp_path):
+    """A training-mode fusion pass over select_image_kv rows (gathered inside attention, CPU lean path) gives the
+    output and every gradient of the same pass over materialised copies of those rows, with the same dropout draws."""
+    from models.xbert import select_image_kv
+
+    torch.manual_seed(0)
+    model = create_model("pretrain", tiny_cfg(tmp_path), special=SPECIAL).train()
+    image, ids, mask = tiny_batch()
+    rows = torch.tensor([0, 1, 2, 3, 1, 2, 3, 0, 0, 1, 2, 3])
+    texts = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3, 0, 1, 2])
+    results = []
+    for gathered in (True, False):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout draws in both passes
+        text_embeds = model.encode_text(ids, mask)
+        image_kv = model.text_bert.precompute_image_kv(model.encode_image(image))
+        kv = (select_image_kv(image_kv, rows) if gathered
+              else [(key.index_select(0, rows), value.index_select(0, rows)) for key, value in image_kv])
+        fused = model.fuse(text_embeds[texts], mask[texts], None, image_kv=kv)
+        (fused ** 2).mean().backward()
+        results.append((fused.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (fast, fast_grads), (slow, slow_grads) = results
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+    assert fast_grads.keys() == slow_grads.keys() and any("crossattention.self.key" in n for n in fast_grads)
+    for name, grad in fast_grads.items():  # relative to each gradient's scale: key gradients are ~1e-12 at init
+        want = slow_grads[name]
+        torch.testing.assert_close(grad, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def _saved_numel(fn):
+    """fn()'s output and the elements autograd saved for its backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
+def test_bert_layer_mlp_recomputing_gelu_equals_the_plain_layer():
+    """A BERT layer with exact GELU runs its MLP through linear_gelu_linear: same output and gradients as the
+    intermediate -> output modules run by autograd, without keeping the GELU's output."""
+    from models.xbert import BertLayer
+
+    config = BertConfig.from_dict({"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 64,
+                                   "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    torch.manual_seed(0)
+    lean = BertLayer(config, has_cross_attention=False)
+    plain = copy.deepcopy(lean)
+    plain.intermediate.act = lambda x: F.gelu(x)  # same function, not recognised: the plain path
+    x = torch.randn(3, 5, 16)
+    grad = torch.randn(3, 5, 16)
+    results = []
+    for layer in (plain, lean):
+        xi = x.clone().requires_grad_()
+        out, saved = _saved_numel(lambda layer=layer, xi=xi: layer(xi, None))
+        out.backward(grad)
+        results.append(([out, xi.grad, *(p.grad for p in layer.parameters())], saved))
+    (want, saved_plain), (got, saved_lean) = results
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert saved_lean <= saved_plain - 3 * 5 * 64  # the GELU's output (3 x 5 x 64) is not kept
+
+
+def test_tied_decoder_gradient_equals_linears_and_accumulates_into_the_embedding_gradient_in_place():
+    """The MLM decoder (weight tied to the word embeddings) gives nn.Linear's gradients, formed so that autograd
+    adds the decoder's and the embedding lookup's gradients in place: two vocabulary-sized allocations in backward,
+    not three."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.xbert import BertLMHeadModel
+
+    vocab, width = 997, 24
+    config = BertConfig.from_dict({"hidden_size": width, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "intermediate_size": 48, "vocab_size": vocab, "hidden_dropout_prob": 0.0,
+                                   "attention_probs_dropout_prob": 0.0, "fusion_layer": 1})
+    torch.manual_seed(0)
+    model = BertLMHeadModel(config)
+    head = model.cls.predictions
+    assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    ids = torch.randint(0, vocab, (2, 6))
+
+    def loss():
+        hidden = model.bert(ids, mode="text")
+        return (model.cls(hidden[:, :3]) ** 2).mean()
+
+    grads = []
+    for tied_decoder in (False, True):
+        model.zero_grad(set_to_none=True)
+        if tied_decoder:
+            value = loss()
+        else:  # nn.Linear's own autograd
+            value = (head.decoder(head.transform(model.bert(ids, mode="text")[:, :3])) ** 2).mean()
+        value.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+    model.zero_grad(set_to_none=True)
+    value = loss()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        value.backward()
+    table_bytes = vocab * width * 4
+    allocations = [e for e in prof.profiler.kineto_results.events()
+                   if e.name() == "[memory]" and e.nbytes() == table_bytes]
+    assert len(allocations) == 2
 
 
 def test_vectorised_negative_sampling_matches_a_per_row_loop_with_the_same_draws():
