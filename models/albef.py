@@ -321,6 +321,8 @@ class AlbefBase(nn.Module):
         waiting for the other pass to reach it (live tensor peak of the base step 1.50 -> 1.15 GB), and the matmuls are
         larger."""
         self.clamp_temp()
+        # Text before image: backward then reaches the ViT (created later) before the text-only layers, and frees
+        # the ViT's activations before those layers' gradients are allocated.
         mlm_text_embeds = None
         if mlm_input_ids is None:
             text_embeds = self.encode_text(input_ids, attention_mask)
