@@ -47,7 +47,7 @@ malloc_lib() {
     jemalloc) name=libjemalloc.so.2 ;;
     *) echo "run.sh: ALIGNFUSE_MALLOC must be auto, tcmalloc, jemalloc or glibc, got '$want'" >&2; return 2 ;;
   esac
-  lib="$( (/sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null) | awk -v n="$name" '$1 == n && $NF ~ /^\// {print $NF; exit}')"
+  lib="$( (/sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null) | awk -v n="$name" '$1 == n && $NF ~ /^\// && !found {print $NF; found = 1}')"  # no early exit: SIGPIPE + pipefail
   if [ -z "$lib" ] && [ "$want" != auto ]; then
     echo "run.sh: ALIGNFUSE_MALLOC=$want but $name is not installed (Debian/Ubuntu: apt-get install $([ "$want" = tcmalloc ] && echo libtcmalloc-minimal4 || echo libjemalloc2))" >&2
     return 2
