@@ -39,17 +39,16 @@ setup() {
 
 malloc_lib() {
   # The shared library to preload for ALIGNFUSE_MALLOC; nothing for glibc. A named allocator that is missing is an error.
-  local want="${ALIGNFUSE_MALLOC:-auto}" name lib
+  local want="${ALIGNFUSE_MALLOC:-auto}" name package lib
   case "$want" in
     glibc) return 0 ;;
-    auto) name=libtcmalloc_minimal.so.4 ;;
-    tcmalloc) name=libtcmalloc_minimal.so.4 ;;
-    jemalloc) name=libjemalloc.so.2 ;;
+    auto|tcmalloc) name=libtcmalloc_minimal.so.4 package=libtcmalloc-minimal4 ;;
+    jemalloc) name=libjemalloc.so.2 package=libjemalloc2 ;;
     *) echo "run.sh: ALIGNFUSE_MALLOC must be auto, tcmalloc, jemalloc or glibc, got '$want'" >&2; return 2 ;;
   esac
   lib="$( (/sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null) | awk -v n="$name" '$1 == n && $NF ~ /^\// && !found {print $NF; found = 1}')"  # no early exit: SIGPIPE + pipefail
   if [ -z "$lib" ] && [ "$want" != auto ]; then
-    echo "run.sh: ALIGNFUSE_MALLOC=$want but $name is not installed (Debian/Ubuntu: apt-get install $([ "$want" = tcmalloc ] && echo libtcmalloc-minimal4 || echo libjemalloc2))" >&2
+    echo "run.sh: ALIGNFUSE_MALLOC=$want but $name is not installed (Debian/Ubuntu: apt-get install $package)" >&2
     return 2
   fi
   [ -n "$lib" ] && echo "$lib"

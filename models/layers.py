@@ -1,9 +1,13 @@
-"""Layers whose backward keeps less than autograd's: written here because torch has no switch for it.
+"""Layers whose backward keeps or allocates less than autograd's: written here because torch has no switch for it.
 
-``linear_gelu_linear`` is a transformer MLP (fc1 -> exact GELU -> fc2) that keeps fc1's output for backward and
-recomputes the GELU there; autograd would keep the GELU's output too (fc2's input, 4 x width per token: ~150 MB for
-ViT-B at batch 4 and 256 px, ~50 MB for the text and fusion layers of a base pretraining step). Used by the ViT
-blocks (``models.vit.GeluMlp``) and the BERT layers (``models.xbert.BertLayer``).
+- ``linear_gelu_linear``: a transformer MLP (fc1 -> exact GELU -> fc2) that keeps fc1's output for backward and
+  recomputes the GELU there; autograd would keep the GELU's output too (fc2's input, 4 x width per token: ~150 MB for
+  ViT-B at batch 4 and 256 px, ~50 MB for the text and fusion layers of a base pretraining step). Used by the ViT
+  blocks (``models.vit.GeluMlp``) and the BERT layers (``models.xbert.BertLayer``).
+- ``tied_linear``: ``F.linear`` whose weight gradient is a (out, in) tensor of its own. Autograd's is a transposed
+  view of an (in, out) product, and autograd adds two gradients of one tensor in place only when neither is a view.
+  The MLM decoder's weight is the word embedding, which also gets the embedding lookup's gradient: autograd
+  allocated a third vocabulary-sized table there (94 MB for BERT-base), at the end of backward, the step's peak.
 """
 
 from __future__ import annotations
@@ -30,18 +34,38 @@ class _LinearGeluLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, ...]:
         x, hidden, w1, w2 = ctx.saved_tensors
         dtype = hidden.dtype  # the compute dtype of forward (bf16 under autocast)
-        grad_out = grad_out.to(dtype)
         act = F.gelu(hidden)
-        grad_w2 = grad_out.flatten(0, -2).t() @ act.flatten(0, -2)
-        grad_b2 = grad_out.flatten(0, -2).sum(0)
-        grad_hidden = torch.ops.aten.gelu_backward(grad_out @ w2.to(dtype), hidden)
+        grad_act, grad_w2, grad_b2 = _linear_grads(grad_out, act, w2, dtype)
         del act
-        flat_hidden = grad_hidden.flatten(0, -2)
-        grad_w1 = flat_hidden.t() @ x.to(dtype).flatten(0, -2)
-        grad_b1 = flat_hidden.sum(0)
-        grad_x = (grad_hidden @ w1.to(dtype)).to(x.dtype)
-        # nn.Linear keeps its bias in its weight's dtype.
-        return (grad_x, grad_w1.to(w1.dtype), grad_b1.to(w1.dtype), grad_w2.to(w2.dtype), grad_b2.to(w2.dtype))
+        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)
+        grad_x, grad_w1, grad_b1 = _linear_grads(grad_hidden, x, w1, dtype)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class _TiedLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` with its weight gradient formed as a tensor of its own (module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        out = F.linear(x, weight, bias)  # under autocast in its dtype, as nn.Linear
+        ctx.save_for_backward(x, weight)
+        ctx.dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, ...]:
+        x, weight = ctx.saved_tensors
+        return _linear_grads(grad_out, x, weight, ctx.dtype)
+
+
+def _linear_grads(grad_out: Tensor, x: Tensor, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``F.linear(x, weight, bias)`` computed in ``dtype`` (forward's, bf16 under autocast): input in
+    x's dtype; weight, as an (out, in) tensor of its own, and bias in the weight's dtype, as nn.Linear keeps them."""
+    grad_out = grad_out.to(dtype)
+    flat_grad = grad_out.flatten(0, -2)
+    grad_weight = flat_grad.t() @ x.to(dtype).flatten(0, -2)
+    grad_x = (grad_out @ weight.to(dtype)).to(x.dtype)
+    return grad_x, grad_weight.to(weight.dtype), flat_grad.sum(0).to(weight.dtype)
 
 
 def linear_gelu_linear(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
@@ -49,3 +73,10 @@ def linear_gelu_linear(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
     if not torch.is_grad_enabled():
         return fc2(F.gelu(fc1(x)))
     return _LinearGeluLinear.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+
+def tied_linear(x: Tensor, linear: nn.Linear) -> Tensor:
+    """``linear(x)``; when gradients are recorded, with a weight gradient that is not a view (module docstring)."""
+    if not (torch.is_grad_enabled() and linear.weight.requires_grad):
+        return linear(x)
+    return _TiedLinear.apply(x, linear.weight, linear.bias)

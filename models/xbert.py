@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import linear_gelu_linear
+from models.layers import linear_gelu_linear, tied_linear
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MASK_VALUE = -10000.0  # ALBEF / BERT additive mask value; kept for numerical parity with official checkpoints
@@ -234,21 +234,21 @@ class BertSelfAttention(nn.Module):
         lean = (not self.save_attention and self.training and self.dropout_p > 0 and query.device.type == "cpu"
                 and query.dtype == torch.float32 and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
         if lean:
-            context = dropout_attention(query, key, value, mask, self.dropout_p, rows)
-        elif self.save_attention:
-            key, value = _gather_rows(key, rows), _gather_rows(value, rows)
-            scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, L, S)
-            if mask is not None:
-                scores = scores + mask
-            probs = scores.softmax(dim=-1)
-            self.attention_map = probs
-            if probs.requires_grad:
-                probs.register_hook(self._keep_grad)
-            context = F.dropout(probs, self.dropout_p, self.training) @ value
+            context = dropout_attention(query, key, value, mask, self.dropout_p, rows)  # gathers rows, keeps no copy
         else:
             key, value = _gather_rows(key, rows), _gather_rows(value, rows)
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                     dropout_p=self.dropout_p if self.training else 0.0)
+            if self.save_attention:
+                scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, L, S)
+                if mask is not None:
+                    scores = scores + mask
+                probs = scores.softmax(dim=-1)
+                self.attention_map = probs
+                if probs.requires_grad:
+                    probs.register_hook(self._keep_grad)
+                context = F.dropout(probs, self.dropout_p, self.training) @ value
+            else:
+                context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                         dropout_p=self.dropout_p if self.training else 0.0)
         batch, _, length, _ = context.shape
         return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
 
@@ -428,30 +428,6 @@ class BertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(self.act(self.dense(hidden_states)))
 
 
-class _TiedDecoder(torch.autograd.Function):
-    """The vocabulary projection ``F.linear(x, weight, bias)`` whose weight gradient is formed as a (V, D) tensor of
-    its own. Autograd's own is a transposed view of a (D, V) product; the decoder weight is the word embedding, which
-    also gets the embedding lookup's gradient, and autograd adds two gradients of one tensor in place only when
-    neither is a view: it allocated a third vocabulary-sized tensor (94 MB for BERT-base) at the end of backward,
-    at the step's memory peak."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        out = F.linear(x, weight, bias)  # under autocast in its dtype, as nn.Linear
-        ctx.save_for_backward(x, weight)
-        ctx.dtype = out.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, ...]:
-        x, weight = ctx.saved_tensors
-        grad_out = grad_out.to(ctx.dtype)
-        flat_grad = grad_out.flatten(0, -2)
-        grad_weight = flat_grad.t() @ x.to(ctx.dtype).flatten(0, -2)  # (V, D), not a view
-        grad_x = (grad_out @ weight.to(ctx.dtype)).to(x.dtype)
-        return grad_x, grad_weight.to(weight.dtype), flat_grad.sum(0).to(weight.dtype)
-
-
 class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -460,10 +436,8 @@ class BertLMPredictionHead(nn.Module):
         self.bias = self.decoder.bias  # same Parameter under both official key names
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        hidden_states = self.transform(hidden_states)
-        if not (torch.is_grad_enabled() and self.decoder.weight.requires_grad):
-            return self.decoder(hidden_states)
-        return _TiedDecoder.apply(hidden_states, self.decoder.weight, self.decoder.bias)
+        # The decoder weight is the word embedding: its two gradients add in place (models.layers.tied_linear).
+        return tied_linear(self.transform(hidden_states), self.decoder)
 
 
 class BertOnlyMLMHead(nn.Module):

@@ -278,6 +278,19 @@ def test_contrastive_loss_with_gradient_formed_in_forward_equals_autograd(target
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def _saved_numel(fn):
+    """fn()'s output and the elements autograd saved for its backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_vit_mlp_recomputing_gelu_equals_timms_mlp(amp):
     """GeluMlp (GELU recomputed in backward) gives timm Mlp's output and gradients, in fp32 and under bf16
@@ -296,17 +309,10 @@ def test_vit_mlp_recomputing_gelu_equals_timms_mlp(amp):
     results = []
     for mlp in (plain, lean):
         xi = x.clone().requires_grad_()
-        saved = []
-
-        def pack(t, saved=saved):
-            saved.append(t.numel())
-            return t
-
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = mlp(xi)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, saved = _saved_numel(lambda mlp=mlp, xi=xi: mlp(xi))
         out.backward(grad.to(out.dtype))
-        results.append((out, xi.grad, *(p.grad for p in mlp.parameters()), sum(saved)))
+        results.append((out, xi.grad, *(p.grad for p in mlp.parameters()), saved))
     *want, saved_plain = results[0]
     *got, saved_lean = results[1]
     tol = {"rtol": 2e-2, "atol": 2e-2} if amp else {"rtol": 1e-5, "atol": 1e-6}
@@ -380,19 +386,6 @@ def test_fusion_over_gathered_image_rows_equals_fusion_over_copied_rows_in_train
     for name, grad in fast_grads.items():  # relative to each gradient's scale: key gradients are ~1e-12 at init
         want = slow_grads[name]
         torch.testing.assert_close(grad, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4, msg=name)
-
-
-def _saved_numel(fn):
-    """fn()'s output and the elements autograd saved for its backward."""
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(saved)
 
 
 def test_bert_layer_mlp_recomputing_gelu_equals_the_plain_layer():
