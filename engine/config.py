@@ -49,7 +49,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     },
     "deepspeed": {
         "enabled": False,  # train through deepspeed.initialize instead of DDP
-        "zero_stage": 2,  # ZeRO stage (0, 1, 2 or 3)
+        "zero_stage": 2,  # ZeRO stage 0, 1 or 2 (3 is refused: momentum models read every weight whole)
     },
 }
 

@@ -188,6 +188,12 @@ class Trainer:
         if self.accum < 1:
             raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.accum}")
         self.use_deepspeed = bool(cfg.deepspeed.enabled)
+        if self.use_deepspeed and cfg.deepspeed.zero_stage not in (0, 1, 2):
+            # Stage 3 partitions the parameters themselves, and code outside a module's own forward reads full
+            # weights: the momentum update (every parameter, every step), the tied MLM decoder, the token-type row.
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {cfg.deepspeed.zero_stage!r}: ZeRO-3 "
+                             "partitions the parameters, which the momentum models and tied weights read whole "
+                             "(stage 2 already shards gradients and optimizer state)")
 
         # Run state (saved in checkpoints).
         self.epoch = 0

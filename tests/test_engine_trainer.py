@@ -170,6 +170,13 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
         engine.build_trainer(ToyTask, ["--output_dir", str(blocker / "out"), "--device", "cpu"])
 
 
+def test_zero_stage_3_is_refused_before_deepspeed_starts(tmp_path):
+    # It used to reach deepspeed.initialize and fail inside the momentum update, on a partitioned (empty) weight.
+    with pytest.raises(ValueError, match="deepspeed.zero_stage must be 0, 1 or 2, got 3"):
+        engine.build_trainer(ToyTask, ["--output_dir", str(tmp_path / "out"), "--device", "cpu",
+                                       "--opts", *BASE_OPTS, "deepspeed.enabled=true", "deepspeed.zero_stage=3"])
+
+
 class Opaque:
     """Needs arbitrary unpickling."""
 
