@@ -439,15 +439,16 @@ class AlbefBase(nn.Module):
 
     def mlm_loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor, image_embeds: Tensor,
                  image_embeds_m: Tensor | None, alpha: float, image_kv: list | None = None,
-                 hidden: Tensor | None = None) -> Tensor:
+                 hidden: Tensor | None = None, decoder_weight: Tensor | None = None) -> Tensor:
         """Masked language modelling conditioned on the image, with the momentum model's predictions as soft labels.
         Vocabulary logits are computed only at the masked positions (the loss only reads those). ``hidden``: the
-        fused states of ``input_ids`` when already computed (``itc_itm(mlm_input_ids=...)``)."""
+        fused states of ``input_ids`` when already computed (``itc_itm(mlm_input_ids=...)``); ``decoder_weight``:
+        the tied decoder weight through ``defer_gradient`` (``AlbefPretrain.forward``)."""
         scored = labels != -100  # (B, L)
         if hidden is None:
             hidden = self.text_encoder.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds,
                                             mode="multi_modal", image_kv=image_kv)
-        logits = self.text_encoder.cls(hidden[scored])  # (M, V)
+        logits = self.text_encoder.cls(hidden[scored], decoder_weight)  # (M, V)
         targets = labels[scored]
         loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
         if image_embeds_m is not None and alpha > 0 and targets.numel():

@@ -8,6 +8,11 @@
   view of an (in, out) product, and autograd adds two gradients of one tensor in place only when neither is a view.
   The MLM decoder's weight is the word embedding, which also gets the embedding lookup's gradient: autograd
   allocated a third vocabulary-sized table there (94 MB for BERT-base), at the end of backward, the step's peak.
+- ``defer_gradient``: an identity whose backward runs after every node recorded after it. Pretraining passes the
+  decoder's weight through it and lets the embedding lookup hand autograd sparse rows (``BertEmbeddings``
+  ``sparse_word_grad``): the rows reach the weight's gradient buffer first and the decoder's dense table second, and
+  autograd adds sparse into dense in place only in that order (dense + sparse the other way round is a new table).
+  So the lookup allocates no vocabulary-sized table at all.
 """
 
 from __future__ import annotations
@@ -75,8 +80,26 @@ def linear_gelu_linear(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
     return _LinearGeluLinear.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
-def tied_linear(x: Tensor, linear: nn.Linear) -> Tensor:
-    """``linear(x)``; when gradients are recorded, with a weight gradient that is not a view (module docstring)."""
+def tied_linear(x: Tensor, linear: nn.Linear, weight: Tensor | None = None) -> Tensor:
+    """``linear(x)``; when gradients are recorded, with a weight gradient that is not a view (module docstring).
+    ``weight``: linear's weight as another autograd node has it (``defer_gradient``); the values are the same."""
     if not (torch.is_grad_enabled() and linear.weight.requires_grad):
         return linear(x)
-    return _TiedLinear.apply(x, linear.weight, linear.bias)
+    return _TiedLinear.apply(x, linear.weight if weight is None else weight, linear.bias)
+
+
+class _Deferred(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+def defer_gradient(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, through an autograd node recorded now. The engine runs the ready node recorded last first,
+    so this one passes its gradient on only after every node recorded after it has run (module docstring). Only
+    when the gradients reach a tensor changes, not their values."""
+    return _Deferred.apply(tensor)

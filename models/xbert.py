@@ -122,12 +122,21 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # Persistent: official checkpoints carry it.
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None, :], persistent=True)
+        # Switched on by AlbefPretrain.forward around its text pass, whose loss also reaches the tied LM decoder
+        # through models.layers.defer_gradient: the lookup's gradient is then sparse rows that autograd adds in place
+        # into the decoder's dense one. Without that dense part the weight's .grad would be left sparse.
+        self.sparse_word_grad = False
 
     def forward(self, input_ids: Tensor, past_length: int = 0) -> Tensor:
         length = input_ids.shape[1]
         position_ids = self.position_ids[:, past_length:past_length + length]
+        table = self.word_embeddings
+        if self.sparse_word_grad and not torch.compiler.is_compiling():  # compiled graphs keep dense gradients
+            words = F.embedding(input_ids, table.weight, table.padding_idx, sparse=True)
+        else:
+            words = table(input_ids)
         # Same summation order as BERT (word + token type, then position): bit-level parity with the reference.
-        embeds = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]  # token types are all 0
+        embeds = words + self.token_type_embeddings.weight[0]  # token types are all 0
         embeds = embeds + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeds))
 
@@ -435,9 +444,10 @@ class BertLMPredictionHead(nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = self.decoder.bias  # same Parameter under both official key names
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, decoder_weight: Tensor | None = None) -> Tensor:
+        """``decoder_weight``: the decoder's weight as the caller passed it through ``defer_gradient``."""
         # The decoder weight is the word embedding: its two gradients add in place (models.layers.tied_linear).
-        return tied_linear(self.transform(hidden_states), self.decoder)
+        return tied_linear(self.transform(hidden_states), self.decoder, decoder_weight)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -445,8 +455,8 @@ class BertOnlyMLMHead(nn.Module):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.predictions(hidden_states)
+    def forward(self, hidden_states: Tensor, decoder_weight: Tensor | None = None) -> Tensor:
+        return self.predictions(hidden_states, decoder_weight)
 
 
 class BertLMHeadModel(nn.Module):

@@ -388,6 +388,39 @@ def test_fusion_over_gathered_image_rows_equals_fusion_over_copied_rows_in_train
         torch.testing.assert_close(grad, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4, msg=name)
 
 
+def test_pretraining_with_a_sparse_word_lookup_gradient_equals_the_dense_lookup(tmp_path):
+    """AlbefPretrain's sparse lookup gradient + deferred decoder gradient: same losses (same draws) and the same
+    gradients as nn.Embedding's dense lookup, and the word embedding's .grad is a dense tensor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = create_model("pretrain", tiny_cfg(tmp_path), special=SPECIAL).train()
+    assert model.sparse_word_grad and not model.text_encoder.bert.embeddings.sparse_word_grad  # on in forward only
+    image, ids, mask = tiny_batch()
+    results = []
+    for sparse in (True, False):
+        model.sparse_word_grad = sparse
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # same masks, negatives and dropout draws
+        with torch.no_grad():  # the same queues before each step
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+        losses = model(image, ids, mask, alpha=0.4)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sum(losses.values()).backward()
+        lookups = {e.name for e in prof.events() if e.name.startswith("aten::embedding_") and "backward" in e.name}
+        assert "aten::embedding_sparse_backward" in lookups if sparse else "aten::embedding_dense_backward" in lookups
+        model.load_state_dict(state)
+        results.append(({k: v.detach() for k, v in losses.items()},
+                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (sparse_losses, sparse_grads), (dense_losses, dense_grads) = results
+    assert all(torch.equal(sparse_losses[k], dense_losses[k]) for k in dense_losses)
+    word = "text_encoder.bert.embeddings.word_embeddings.weight"
+    assert sparse_grads[word].layout == torch.strided and sparse_grads.keys() == dense_grads.keys()
+    for name, grad in sparse_grads.items():
+        want = dense_grads[name]
+        torch.testing.assert_close(grad, want, atol=1e-6 * want.abs().max().item(), rtol=1e-5, msg=name)
+
+
 def test_bert_layer_mlp_recomputing_gelu_equals_the_plain_layer():
     """A BERT layer with exact GELU runs its MLP through linear_gelu_linear: same output and gradients as the
     intermediate -> output modules run by autograd, without keeping the GELU's output."""
@@ -413,12 +446,15 @@ def test_bert_layer_mlp_recomputing_gelu_equals_the_plain_layer():
     assert saved_lean <= saved_plain - 3 * 5 * 64  # the GELU's output (3 x 5 x 64) is not kept
 
 
-def test_tied_decoder_gradient_equals_linears_and_accumulates_into_the_embedding_gradient_in_place():
+@pytest.mark.parametrize("sparse_lookup", [False, True])
+def test_tied_decoder_gradient_equals_linears_and_accumulates_into_the_embedding_gradient_in_place(sparse_lookup):
     """The MLM decoder (weight tied to the word embeddings) gives nn.Linear's gradients, formed so that autograd
     adds the decoder's and the embedding lookup's gradients in place: two vocabulary-sized allocations in backward,
-    not three."""
+    not three. With a sparse lookup gradient and the decoder's weight through defer_gradient (pretraining), one:
+    the lookup's rows are added into the decoder's table, and the weight's .grad is a dense tensor all the same."""
     from torch.profiler import ProfilerActivity, profile
 
+    from models.layers import defer_gradient
     from models.xbert import BertLMHeadModel
 
     vocab, width = 997, 24
@@ -427,25 +463,26 @@ def test_tied_decoder_gradient_equals_linears_and_accumulates_into_the_embedding
                                    "attention_probs_dropout_prob": 0.0, "fusion_layer": 1})
     torch.manual_seed(0)
     model = BertLMHeadModel(config)
-    head = model.cls.predictions
-    assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    head, embeddings = model.cls.predictions, model.bert.embeddings
+    assert head.decoder.weight is embeddings.word_embeddings.weight
     ids = torch.randint(0, vocab, (2, 6))
+    ids[0, -2:] = config.pad_token_id  # the padding row gets no gradient from the lookup, either way
 
     def loss():
+        embeddings.sparse_word_grad = sparse_lookup
+        decoder_weight = defer_gradient(head.decoder.weight) if sparse_lookup else None
         hidden = model.bert(ids, mode="text")
-        return (model.cls(hidden[:, :3]) ** 2).mean()
+        return (model.cls(hidden[:, :3], decoder_weight) ** 2).mean()
 
-    grads = []
-    for tied_decoder in (False, True):
-        model.zero_grad(set_to_none=True)
-        if tied_decoder:
-            value = loss()
-        else:  # nn.Linear's own autograd
-            value = (head.decoder(head.transform(model.bert(ids, mode="text")[:, :3])) ** 2).mean()
-        value.backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for got, want in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    model.zero_grad(set_to_none=True)
+    embeddings.sparse_word_grad = False  # nn.Linear's and nn.Embedding's own autograd
+    (head.decoder(head.transform(model.bert(ids, mode="text")[:, :3])) ** 2).mean().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    loss().backward()
+    assert embeddings.word_embeddings.weight.grad.layout == torch.strided
+    for p, expected in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
 
     model.zero_grad(set_to_none=True)
     value = loss()
@@ -454,7 +491,7 @@ def test_tied_decoder_gradient_equals_linears_and_accumulates_into_the_embedding
     table_bytes = vocab * width * 4
     allocations = [e for e in prof.profiler.kineto_results.events()
                    if e.name() == "[memory]" and e.nbytes() == table_bytes]
-    assert len(allocations) == 2
+    assert len(allocations) == (1 if sparse_lookup else 2)
 
 
 def test_vectorised_negative_sampling_matches_a_per_row_loop_with_the_same_draws():
