@@ -4,6 +4,10 @@
   recomputes the GELU there; autograd would keep the GELU's output too (fc2's input, 4 x width per token: ~150 MB for
   ViT-B at batch 4 and 256 px, ~50 MB for the text and fusion layers of a base pretraining step). Used by the ViT
   blocks (``models.vit.GeluMlp``) and the BERT layers (``models.xbert.BertLayer``).
+- ``layer_norm_linear`` and ``linear_gelu_linear(norm=...)``: a pre-norm block's LayerNorm fused into the linear
+  that reads it, recomputed in backward from the block's residual stream, which is kept anyway: the norm's output
+  is not kept (2 x width per token per ViT block: 77 MB for ViT-B at batch 4 and 256 px). Used by
+  ``models.vit.LeanBlock``.
 - ``tied_linear``: ``F.linear`` whose weight gradient is a (out, in) tensor of its own. Autograd's is a transposed
   view of an (in, out) product, and autograd adds two gradients of one tensor in place only when neither is a view.
   The MLM decoder's weight is the word embedding, which also gets the embedding lookup's gradient: autograd
@@ -26,25 +30,62 @@ from torch import Tensor, nn
 
 class _LinearGeluLinear(torch.autograd.Function):
     """fc2(gelu(fc1(x))) that saves x and fc1's output, and recomputes the GELU in backward (autograd would also
-    keep the GELU's output, as fc2's input: 4 x width per token)."""
+    keep the GELU's output, as fc2's input: 4 x width per token). With ``normed``, fc1 reads layer_norm(x): x is
+    saved instead of the norm's output, which backward recomputes (a pre-norm block's residual stream is x)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-        hidden = F.linear(x, w1, b1)  # under autocast these run in its dtype, as nn.Linear would
+    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, normed: bool = False,
+                norm_w: Tensor | None = None, norm_b: Tensor | None = None, eps: float = 0.0) -> Tensor:
+        inp = F.layer_norm(x, x.shape[-1:], norm_w, norm_b, eps) if normed else x
+        hidden = F.linear(inp, w1, b1)  # under autocast these run in its dtype, as nn.Linear would
         out = F.linear(F.gelu(hidden), w2, b2)
-        ctx.save_for_backward(x, hidden, w1, w2)
+        ctx.save_for_backward(x, hidden, w1, w2, norm_w, norm_b)
+        ctx.normed, ctx.eps = normed, eps
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, ...]:
-        x, hidden, w1, w2 = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, hidden, w1, w2, norm_w, norm_b = ctx.saved_tensors
         dtype = hidden.dtype  # the compute dtype of forward (bf16 under autocast)
         act = F.gelu(hidden)
         grad_act, grad_w2, grad_b2 = _linear_grads(grad_out, act, w2, dtype)
         del act
         grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)
-        grad_x, grad_w1, grad_b1 = _linear_grads(grad_hidden, x, w1, dtype)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+        if not ctx.normed:
+            grad_x, grad_w1, grad_b1 = _linear_grads(grad_hidden, x, w1, dtype)
+            return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
+        inp, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_w, norm_b, ctx.eps)
+        grad_inp, grad_w1, grad_b1 = _linear_grads(grad_hidden, inp, w1, dtype)
+        del inp
+        grad_x, grad_nw, grad_nb = _layer_norm_grads(grad_inp, x, mean, rstd, norm_w, norm_b)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, grad_nw, grad_nb, None
+
+
+class _LayerNormLinear(torch.autograd.Function):
+    """linear(layer_norm(x)) that saves x, not the norm's output, and recomputes the norm in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, norm_w: Tensor, norm_b: Tensor, eps: float, w: Tensor, b: Tensor) -> Tensor:
+        out = F.linear(F.layer_norm(x, x.shape[-1:], norm_w, norm_b, eps), w, b)  # autocast: norm fp32, linear bf16
+        ctx.save_for_backward(x, norm_w, norm_b, w)
+        ctx.eps, ctx.dtype = eps, out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, norm_w, norm_b, w = ctx.saved_tensors
+        inp, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_w, norm_b, ctx.eps)
+        grad_inp, grad_w, grad_b = _linear_grads(grad_out, inp, w, ctx.dtype)
+        del inp
+        grad_x, grad_nw, grad_nb = _layer_norm_grads(grad_inp, x, mean, rstd, norm_w, norm_b)
+        return grad_x, grad_nw, grad_nb, None, grad_w, grad_b
+
+
+def _layer_norm_grads(grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                      bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``F.layer_norm(x, x.shape[-1:], weight, bias)`` for x, weight, bias (torch's own kernel)."""
+    return torch.ops.aten.native_layer_norm_backward(grad_y.to(x.dtype), x, x.shape[-1:], mean, rstd, weight, bias,
+                                                     [True, True, True])
 
 
 class _TiedLinear(torch.autograd.Function):
@@ -73,11 +114,22 @@ def _linear_grads(grad_out: Tensor, x: Tensor, weight: Tensor, dtype: torch.dtyp
     return grad_x, grad_weight.to(weight.dtype), flat_grad.sum(0).to(weight.dtype)
 
 
-def linear_gelu_linear(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
-    """``fc2(gelu(fc1(x)))``; when gradients are recorded, without keeping the GELU's output for backward."""
+def linear_gelu_linear(x: Tensor, fc1: nn.Linear, fc2: nn.Linear, norm: nn.LayerNorm | None = None) -> Tensor:
+    """``fc2(gelu(fc1(x)))``, or ``fc2(gelu(fc1(norm(x))))``; when gradients are recorded, without keeping the
+    GELU's output, nor the norm's, for backward."""
     if not torch.is_grad_enabled():
-        return fc2(F.gelu(fc1(x)))
-    return _LinearGeluLinear.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return fc2(F.gelu(fc1(x if norm is None else norm(x))))
+    if norm is None:
+        return _LinearGeluLinear.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    return _LinearGeluLinear.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, True, norm.weight, norm.bias,
+                                   norm.eps)
+
+
+def layer_norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
+    """``linear(norm(x))``; when gradients are recorded, without keeping the norm's output for backward."""
+    if not torch.is_grad_enabled():
+        return linear(norm(x))
+    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
 def tied_linear(x: Tensor, linear: nn.Linear, weight: Tensor | None = None) -> Tensor:

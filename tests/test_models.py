@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models import create_model, load_checkpoint
 from models.albef import SpecialTokens, momentum_update, sample_hard_negatives, soft_contrastive_loss
@@ -386,6 +388,45 @@ def test_fusion_over_gathered_image_rows_equals_fusion_over_copied_rows_in_train
     for name, grad in fast_grads.items():  # relative to each gradient's scale: key gradients are ~1e-12 at init
         want = slow_grads[name]
         torch.testing.assert_close(grad, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_vit_block_with_norms_recomputed_equals_timms_block(amp):
+    """LeanBlock (LayerNorms run inside qkv and fc1, recomputed in backward) gives timm Block's output and every
+    gradient, in fp32 and under bf16 autocast, and keeps neither norm's output for backward."""
+    from timm.models.vision_transformer import Block
+
+    from models.vit import GeluMlp, LeanBlock
+
+    torch.manual_seed(0)
+    width, tokens = 32, 7
+    plain = Block(width, num_heads=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    with torch.no_grad():  # norms that are not the identity, so their gradients are tested too
+        for norm in (plain.norm1, plain.norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    block = copy.deepcopy(plain)
+    block.mlp = GeluMlp.from_timm(block.mlp)
+    lean = LeanBlock.from_timm(block)
+    assert isinstance(lean, LeanBlock) and lean.state_dict().keys() == plain.state_dict().keys()
+    assert LeanBlock.from_timm(plain) is plain  # a timm Mlp inside: not the lean form
+    x = torch.randn(3, tokens, width)
+    grad = torch.randn(3, tokens, width)
+    results = []
+    for module in (plain, lean):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, saved = _saved_numel(lambda module=module, xi=xi: module(xi))
+        out.backward(grad.to(out.dtype))
+        results.append(([out, xi.grad, *(p.grad for p in module.parameters())], saved))
+    (want, saved_plain), (got, saved_lean) = results
+    lean.attn.fused_attn = False  # the explicit-probabilities path (Grad-CAM) is timm's own
+    torch.testing.assert_close(lean(x), plain(x), rtol=1e-5, atol=1e-5)
+    tol = {"rtol": 2e-2, "atol": 3e-2} if amp else {"rtol": 1e-5, "atol": 1e-5}
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, **tol)
+    assert saved_lean <= saved_plain - 2 * 3 * tokens * width  # the two norms' outputs are not kept
 
 
 def test_pretraining_with_a_sparse_word_lookup_gradient_equals_the_dense_lookup(tmp_path):
