@@ -42,7 +42,7 @@ class AlbefPretrain(AlbefBase):
         weight = self.text_encoder.cls.predictions.decoder.weight
         decoder_weight = None
         if (self.sparse_word_grad and torch.is_grad_enabled() and weight.requires_grad
-                and not torch.compiler.is_compiling()):
+                and weight is embeddings.word_embeddings.weight and not torch.compiler.is_compiling()):
             # Recorded before the embedding lookup, so the decoder's dense gradient reaches the weight after the
             # lookup's sparse one, and the two add in place (models.layers, defer_gradient).
             decoder_weight = defer_gradient(weight)
