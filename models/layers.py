@@ -54,10 +54,8 @@ class _LinearGeluLinear(torch.autograd.Function):
         if not ctx.normed:
             grad_x, grad_w1, grad_b1 = _linear_grads(grad_hidden, x, w1, dtype)
             return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
-        inp, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_w, norm_b, ctx.eps)
-        grad_inp, grad_w1, grad_b1 = _linear_grads(grad_hidden, inp, w1, dtype)
-        del inp
-        grad_x, grad_nw, grad_nb = _layer_norm_grads(grad_inp, x, mean, rstd, norm_w, norm_b)
+        grad_x, grad_nw, grad_nb, grad_w1, grad_b1 = _norm_linear_grads(grad_hidden, x, norm_w, norm_b, ctx.eps, w1,
+                                                                       dtype)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, grad_nw, grad_nb, None
 
 
@@ -74,18 +72,21 @@ class _LayerNormLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, norm_w, norm_b, w = ctx.saved_tensors
-        inp, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_w, norm_b, ctx.eps)
-        grad_inp, grad_w, grad_b = _linear_grads(grad_out, inp, w, ctx.dtype)
-        del inp
-        grad_x, grad_nw, grad_nb = _layer_norm_grads(grad_inp, x, mean, rstd, norm_w, norm_b)
+        grad_x, grad_nw, grad_nb, grad_w, grad_b = _norm_linear_grads(grad_out, x, norm_w, norm_b, ctx.eps, w,
+                                                                     ctx.dtype)
         return grad_x, grad_nw, grad_nb, None, grad_w, grad_b
 
 
-def _layer_norm_grads(grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
-                      bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``F.layer_norm(x, x.shape[-1:], weight, bias)`` for x, weight, bias (torch's own kernel)."""
-    return torch.ops.aten.native_layer_norm_backward(grad_y.to(x.dtype), x, x.shape[-1:], mean, rstd, weight, bias,
-                                                     [True, True, True])
+def _norm_linear_grads(grad_out: Tensor, x: Tensor, norm_w: Tensor, norm_b: Tensor, eps: float, weight: Tensor,
+                       dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Gradients of ``F.linear(F.layer_norm(x), weight, bias)`` with the norm recomputed from x: (x, norm weight,
+    norm bias, weight, bias); the linear's in ``dtype`` as ``_linear_grads``, the norm's by torch's own kernel."""
+    inp, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_w, norm_b, eps)
+    grad_inp, grad_w, grad_b = _linear_grads(grad_out, inp, weight, dtype)
+    del inp
+    grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+        grad_inp.to(x.dtype), x, x.shape[-1:], mean, rstd, norm_w, norm_b, [True, True, True])
+    return grad_x, grad_nw, grad_nb, grad_w, grad_b
 
 
 class _TiedLinear(torch.autograd.Function):

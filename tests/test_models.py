@@ -293,6 +293,19 @@ def _saved_numel(fn):
     return out, sum(saved)
 
 
+def _plain_and_lean(plain, lean, x, grad, amp=False, args=()):
+    """For each module called as module(x, *args): [output, input gradient, *parameter gradients] and the elements
+    saved for backward."""
+    results = []
+    for module in (plain, lean):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, saved = _saved_numel(lambda module=module, xi=xi: module(xi, *args))
+        out.backward(grad.to(out.dtype))
+        results.append(([out, xi.grad, *(p.grad for p in module.parameters())], saved))
+    return results
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_vit_mlp_recomputing_gelu_equals_timms_mlp(amp):
     """GeluMlp (GELU recomputed in backward) gives timm Mlp's output and gradients, in fp32 and under bf16
@@ -306,17 +319,8 @@ def test_vit_mlp_recomputing_gelu_equals_timms_mlp(amp):
     lean = GeluMlp.from_timm(Mlp(16, 64))
     assert isinstance(lean, GeluMlp)
     lean.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 5, 16)
-    grad = torch.randn(2, 5, 16)
-    results = []
-    for mlp in (plain, lean):
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out, saved = _saved_numel(lambda mlp=mlp, xi=xi: mlp(xi))
-        out.backward(grad.to(out.dtype))
-        results.append((out, xi.grad, *(p.grad for p in mlp.parameters()), saved))
-    *want, saved_plain = results[0]
-    *got, saved_lean = results[1]
+    (want, saved_plain), (got, saved_lean) = _plain_and_lean(plain, lean, torch.randn(2, 5, 16),
+                                                             torch.randn(2, 5, 16), amp)
     tol = {"rtol": 2e-2, "atol": 2e-2} if amp else {"rtol": 1e-5, "atol": 1e-6}
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
@@ -411,15 +415,7 @@ def test_vit_block_with_norms_recomputed_equals_timms_block(amp):
     assert isinstance(lean, LeanBlock) and lean.state_dict().keys() == plain.state_dict().keys()
     assert LeanBlock.from_timm(plain) is plain  # a timm Mlp inside: not the lean form
     x = torch.randn(3, tokens, width)
-    grad = torch.randn(3, tokens, width)
-    results = []
-    for module in (plain, lean):
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out, saved = _saved_numel(lambda module=module, xi=xi: module(xi))
-        out.backward(grad.to(out.dtype))
-        results.append(([out, xi.grad, *(p.grad for p in module.parameters())], saved))
-    (want, saved_plain), (got, saved_lean) = results
+    (want, saved_plain), (got, saved_lean) = _plain_and_lean(plain, lean, x, torch.randn(3, tokens, width), amp)
     lean.attn.fused_attn = False  # the explicit-probabilities path (Grad-CAM) is timm's own
     torch.testing.assert_close(lean(x), plain(x), rtol=1e-5, atol=1e-5)
     tol = {"rtol": 2e-2, "atol": 3e-2} if amp else {"rtol": 1e-5, "atol": 1e-5}
@@ -473,15 +469,8 @@ def test_bert_layer_mlp_recomputing_gelu_equals_the_plain_layer():
     lean = BertLayer(config, has_cross_attention=False)
     plain = copy.deepcopy(lean)
     plain.intermediate.act = lambda x: F.gelu(x)  # same function, not recognised: the plain path
-    x = torch.randn(3, 5, 16)
-    grad = torch.randn(3, 5, 16)
-    results = []
-    for layer in (plain, lean):
-        xi = x.clone().requires_grad_()
-        out, saved = _saved_numel(lambda layer=layer, xi=xi: layer(xi, None))
-        out.backward(grad)
-        results.append(([out, xi.grad, *(p.grad for p in layer.parameters())], saved))
-    (want, saved_plain), (got, saved_lean) = results
+    (want, saved_plain), (got, saved_lean) = _plain_and_lean(plain, lean, torch.randn(3, 5, 16),
+                                                             torch.randn(3, 5, 16), args=(None,))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     assert saved_lean <= saved_plain - 3 * 5 * 64  # the GELU's output (3 x 5 x 64) is not kept
