@@ -9,7 +9,8 @@ with ``model.distill``. Evaluation of ``data.val_file`` / ``data.test_file``: th
 answer decoder pick the ``eval.k_test`` likeliest answers of ``data.answer_list``, the full answer likelihood re-ranks
 them (batched, each rank answers its share, merged in memory). Each evaluation writes
 ``vqa_result_<split>_eval<N>.json`` in the official format (``[{"question_id", "answer"}]``, the test-dev submission
-file). The val split is scored with the official VQA accuracy (vqaTools): against ``data.val_annotation_file`` and
+file). The val split is scored with the official VQA accuracy (vqaTools; ``eval.vqa_rules``: "2021", the current
+official code, or "2017", the version ALBEF vendored): against ``data.val_annotation_file`` and
 ``data.val_question_file`` (VQA v2 files; overall and per answer type) when given, else against the annotator answers
 in ``data.val_file``.
 """
@@ -27,7 +28,7 @@ from dataset.tokenizer import tokenize
 from dataset.transforms import normalize
 from engine import dist, main_for
 from tasks.base import AlbefTask, task_defaults, unwrap
-from vqaTools import VQA, VQAEval, vqa_accuracy
+from vqaTools import VQA, VQAEval, check_rules, vqa_accuracy
 
 
 class VQATask(AlbefTask):
@@ -44,7 +45,12 @@ class VQATask(AlbefTask):
             "val_annotation_file": "",  # official VQA v2 annotation file of val_file: per answer type accuracy
             "max_answer_tokens": 10,  # token limit of an answer, [CLS] and [SEP] included
         },
-        eval={"k_test": 128},  # answers re-ranked by their full likelihood per question
+        eval={
+            "k_test": 128,  # answers re-ranked by their full likelihood per question
+            # Official VQA accuracy rules: "2021" (the evaluation code as published now) or "2017" (the version ALBEF
+            # vendored, for comparing with its published local numbers); see vqaTools/vqa_eval.py.
+            "vqa_rules": "2021",
+        },
     )
     # ALBEF trains on train + val and submits test-dev, so there is no model selection by default; with a val split
     # set train.best_metric=accuracy.
@@ -52,6 +58,7 @@ class VQATask(AlbefTask):
 
     def __init__(self, config, device) -> None:
         super().__init__(config, device)
+        check_rules(config.eval.vqa_rules)  # a misspelt rule set fails now, not after training
         self.eval_counts: dict[str, int] = {}
 
     def build_train_loader(self):
@@ -97,8 +104,10 @@ class VQATask(AlbefTask):
         """VQA accuracy in percent: official files when configured (overall + per answer type), else the annotator
         answers of the evaluation file."""
         data = self.config.data
+        rules = check_rules(self.config.eval.vqa_rules)
         if data.val_annotation_file and data.val_question_file:
-            scores = VQAEval(VQA(data.val_annotation_file, data.val_question_file), predictions).evaluate()
+            scores = VQAEval(VQA(data.val_annotation_file, data.val_question_file), predictions,
+                             rules=rules).evaluate()
             out = {"accuracy": float(scores["overall"])}
             for answer_type, value in scores["per_answer_type"].items():
                 out["accuracy_" + re.sub(r"\W+", "_", answer_type)] = float(value)
@@ -107,7 +116,7 @@ class VQATask(AlbefTask):
         if missing:
             raise ValueError(f"{data.val_file}: questions {missing[:5]} have no answers; the val split is scored "
                              "against them (or set data.val_annotation_file and data.val_question_file)")
-        scores = [vqa_accuracy(predictions[entry["question_id"]], entry["answer"]) for entry in entries]
+        scores = [vqa_accuracy(predictions[entry["question_id"]], entry["answer"], rules) for entry in entries]
         return {"accuracy": 100.0 * sum(scores) / len(scores)}
 
 

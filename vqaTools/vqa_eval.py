@@ -1,16 +1,26 @@
 """The official VQA accuracy metric (VQA v2 evaluation server), written from its published definition.
 
-Per question: the prediction is normalised (whitespace, punctuation, number words, articles, contractions); each of
-the n ground-truth answers is left out in turn and the prediction scores ``min(1, #remaining answers equal to it / 3)``;
+Per question: the prediction and the annotators' answers are normalised as the rules below say; each of the n
+ground-truth answers is left out in turn and the prediction scores ``min(1, #remaining answers equal to it / 3)``;
 the question's accuracy is the mean over the n leave-one-out subsets (for 10 answers and m matches:
 m = 0, 1, 2, 3, >=4 give 0, 0.3, 0.6, 0.9, 1.0). Reported numbers are means x 100, rounded to 2 decimals.
 
-Two details of the official evaluation are kept on purpose so that our numbers equal the server's:
-- ground-truth answers are assumed to be normalised already (the released annotation files are); they only get the
-  punctuation step, and only when the annotators disagree (a question whose 10 answers are identical is compared
-  verbatim);
-- the period-stripping step removes at most 32 periods (the official code passes ``re.UNICODE`` as the ``count``
-  argument of ``re.sub``).
+Two rule sets, both from the official ``vqaEval.py`` (GT-Vision-Lab/VQA):
+
+- ``"2021"`` (the default): the code as published since the 2021 change "Fixed processing answers bug"; its
+  maintainers confirmed that no processing when all annotators agree is intended (GT-Vision-Lab/VQA issue 14: the
+  answers of text-reading questions should stay as written). Prediction and answers lose surrounding whitespace
+  (newlines and tabs become spaces). When all annotators gave the same answer, nothing else happens: the prediction
+  is compared verbatim (``Yes`` against 10 x ``yes`` scores 0). When they disagree, the prediction and every answer
+  get the full normalisation (punctuation, lower case, number words to digits, articles, contractions), so ``dog``
+  matches ``the dog`` and ``2`` matches ``two``.
+- ``"2017"``: the code before that change (the copy ALBEF vendored; use it to compare with ALBEF's published local
+  numbers). The prediction always gets the full normalisation; the answers are taken as already normalised and only
+  get the punctuation step, and only when the annotators disagree (identical answers are compared verbatim, not even
+  stripped of whitespace).
+
+Kept from the official code for identical numbers: the period-stripping step removes at most 32 periods (the
+official code passes ``re.UNICODE`` as the ``count`` argument of ``re.sub``).
 """
 
 from __future__ import annotations
@@ -102,22 +112,49 @@ def normalize_words(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """Full normalisation applied to a predicted answer."""
+    """The full normalisation: whitespace, punctuation, then words (lower case, digits, articles, contractions)."""
     return normalize_words(strip_punctuation(clean_whitespace(answer)))
 
 
-def vqa_accuracy(pred: str, gt_answers: Sequence[str]) -> float:
-    """Official VQA accuracy in [0, 1] of one predicted answer against the annotators' answers.
+# The official rule sets (see the module docstring): the current one first, it is the default.
+VQA_RULES: tuple[str, ...] = ("2021", "2017")
+
+
+def check_rules(rules: str) -> str:
+    """``rules`` as a valid rule-set name, or a ValueError naming the valid ones."""
+    rules = str(rules)
+    if rules not in VQA_RULES:
+        raise ValueError(
+            f"VQA accuracy rules {rules!r}: expected one of {list(VQA_RULES)} ('2021' = the official "
+            "evaluation code as published now, '2017' = the version ALBEF vendored)"
+        )
+    return rules
+
+
+def normalized_pair(pred: str, gt_answers: Sequence[str], rules: str = "2021") -> tuple[str, list[str]]:
+    """The prediction and the annotators' answers as the official code compares them under ``rules``."""
+    rules = check_rules(rules)
+    if rules == "2017":
+        answers = list(gt_answers)
+        if len(set(answers)) > 1:
+            answers = [strip_punctuation(answer) for answer in answers]
+        return normalize_answer(pred), answers
+    answers = [clean_whitespace(answer) for answer in gt_answers]
+    if len(set(answers)) > 1:  # decided after the whitespace step: "yes " and "yes" agree
+        return normalize_answer(pred), [normalize_answer(answer) for answer in answers]
+    return clean_whitespace(pred), answers
+
+
+def vqa_accuracy(pred: str, gt_answers: Sequence[str], rules: str = "2021") -> float:
+    """Official VQA accuracy in [0, 1] of one predicted answer against the annotators' answers, under ``rules``
+    ("2021", the current official code, or "2017", the version ALBEF vendored; see the module docstring).
 
     With a single ground-truth answer (e.g. Visual Genome questions) the leave-one-out rule leaves nobody to agree
     with, so the accuracy is 0 by definition: use it on VQA v2's 10-answer questions.
     """
     if len(gt_answers) == 0:
         raise ValueError("vqa_accuracy: gt_answers is empty; expected the annotators' answers (10 for VQA v2)")
-    pred_norm = normalize_answer(pred)
-    answers = list(gt_answers)
-    if len(set(answers)) > 1:
-        answers = [strip_punctuation(answer) for answer in answers]
+    pred_norm, answers = normalized_pair(pred, gt_answers, rules)
     num_answers = len(answers)
     num_matches = sum(answer == pred_norm for answer in answers)
     # Leave-one-out in closed form: leaving out a matching annotator leaves m-1 matches, any other leaves m.
@@ -129,11 +166,13 @@ def vqa_accuracy(pred: str, gt_answers: Sequence[str]) -> float:
 class VQAEval:
     """Evaluate predicted answers against a :class:`vqaTools.vqa.VQA` annotation set.
 
-    ``results`` maps question_id -> predicted answer, as returned by ``VQA.load_results``.
-    After ``evaluate()``, ``per_question`` holds each question's accuracy (0-100, unrounded).
+    ``results`` maps question_id -> predicted answer, as returned by ``VQA.load_results``; ``rules`` picks the
+    official rule set ("2021" or "2017", see the module docstring). After ``evaluate()``, ``per_question`` holds each
+    question's accuracy (0-100, unrounded).
     """
 
-    def __init__(self, vqa: VQA, results: Mapping[int, str], decimals: int = 2) -> None:
+    def __init__(self, vqa: VQA, results: Mapping[int, str], decimals: int = 2, rules: str = "2021") -> None:
+        self.rules = check_rules(rules)
         unknown = [qid for qid in results if qid not in vqa.qa]
         if unknown:
             raise ValueError(
@@ -153,7 +192,7 @@ class VQAEval:
         scores = []
         for question_id, pred in self.results.items():
             annotation = self.vqa.qa[question_id]
-            acc = vqa_accuracy(pred, [item["answer"] for item in annotation["answers"]])
+            acc = vqa_accuracy(pred, [item["answer"] for item in annotation["answers"]], self.rules)
             scores.append(acc)
             per_answer_type.setdefault(annotation["answer_type"], []).append(acc)
             per_question_type.setdefault(annotation["question_type"], []).append(acc)
