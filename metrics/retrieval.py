@@ -1,4 +1,14 @@
-"""Image-text retrieval metrics: recall@K in ALBEF's definition, and its chance level."""
+"""Image-text retrieval metrics: recall@K exactly as ALBEF's ``itm_eval`` computes it, and its chance level.
+
+ALBEF ranks each query's candidates with ``np.argsort(scores)[::-1]`` (numpy's default sort, which is not stable):
+among equal scores the order is whatever that sort leaves, reversed. For short rows that puts the higher index
+first; for longer ones it depends on numpy's sorting algorithm (its version and the CPU's SIMD support). Ties are
+common: a top-k re-ranked matrix gives every candidate outside a query's top ``k_test`` the same fill score (-100),
+and datasets hold duplicate captions. To give ALBEF's numbers on any matrix, ties included, ranks are counted on
+the whole batch (how many candidates score higher) and every query whose target is tied with another candidate
+within the largest K is ranked again with that very numpy call. Recall is ``100.0 * count / n`` in Python floats,
+as ALBEF writes it.
+"""
 
 from __future__ import annotations
 
@@ -20,21 +30,58 @@ def _as_tensor(scores: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     return matrix
 
 
-def ranks_of_targets(scores: torch.Tensor, target_scores: torch.Tensor, target_indices: torch.Tensor) -> torch.Tensor:
-    """0-based rank of a target column in each row of ``scores`` (Q, C) under a stable descending sort.
+def albef_rank(row: np.ndarray, targets: Sequence[int]) -> int:
+    """ALBEF's rank of a query: the best 0-based position of any target in ``np.argsort(row)[::-1]``."""
+    order = np.argsort(row)[::-1]
+    return int(min(np.where(order == target)[0][0] for target in targets))
 
-    The target of row q has score ``target_scores[q]`` at column ``target_indices[q]``; its rank is the number of
-    columns scoring higher plus the number of equal-scoring columns before it (a stable sort keeps index order).
-    Returns a LongTensor (Q,).
-    """
-    ranks = []
+
+def _higher_and_equal(scores: torch.Tensor, target_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row q of ``scores`` (Q, C): how many columns score higher than ``target_scores[q]`` and how many score
+    the same (the target itself included). Each (Q,)."""
+    higher, equal = [], []
     for start in range(0, scores.shape[0], RANK_CHUNK_ROWS):
         rows = scores[start : start + RANK_CHUNK_ROWS]  # (n, C)
         target = target_scores[start : start + RANK_CHUNK_ROWS, None]  # (n, 1)
-        columns = torch.arange(scores.shape[1], device=scores.device)  # (C,)
-        before = columns[None, :] < target_indices[start : start + RANK_CHUNK_ROWS, None]  # (n, C)
-        ranks.append((rows > target).sum(1) + ((rows == target) & before).sum(1))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        higher.append((rows > target).sum(1))
+        equal.append((rows == target).sum(1))
+    if not higher:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(higher), torch.cat(equal)
+
+
+def albef_ranks(scores: torch.Tensor | np.ndarray, targets: Sequence[Sequence[int]], max_rank: int) -> torch.Tensor:
+    """Each query's rank as ALBEF's ``itm_eval`` finds it, wherever it is below ``max_rank`` (LongTensor (Q,)).
+
+    ``scores`` (Q, C); ``targets[q]``: the candidate indices that count as a hit for query q (its rank is the best of
+    theirs). A rank of ``max_rank`` or more is only known to be that large (recall@K for K <= max_rank is exact).
+    The best-ranked target is one with the query's highest target score; it sits right after the candidates that
+    score higher unless another candidate has the same score. Those counts are taken for the whole matrix at once;
+    a query with such a tie within the first ``max_rank`` places is ranked by ``albef_rank`` (numpy, as ALBEF does).
+    """
+    matrix = _as_tensor(scores, "scores")
+    num_queries, num_candidates = matrix.shape
+    if len(targets) != num_queries:
+        raise ValueError(f"{len(targets)} target lists for {num_queries} queries")
+    for query, hits in enumerate(targets):
+        if len(hits) == 0:
+            raise ValueError(f"query {query} has no target: every query needs at least one")
+    device = matrix.device
+    pair_query = torch.tensor([q for q, hits in enumerate(targets) for _ in hits], dtype=torch.long, device=device)
+    pair_target = torch.tensor([target for hits in targets for target in hits], dtype=torch.long, device=device)
+    if pair_target.numel() and (pair_target.min() < 0 or pair_target.max() >= num_candidates):
+        raise ValueError(f"target indices outside [0, {num_candidates})")
+    best = torch.full((num_queries,), float("-inf"), dtype=matrix.dtype, device=device)
+    best = best.scatter_reduce(0, pair_query, matrix[pair_query, pair_target], reduce="amax")  # (Q,)
+    ranks, equal = _higher_and_equal(matrix, best)  # (Q,) each
+    # Tied at max_rank or later, the target stays at max_rank or later whatever the order: recall@K cannot tell.
+    undecided = ((equal > 1) & (ranks < max_rank)).nonzero().flatten().tolist()
+    if undecided:
+        rows = matrix[undecided].cpu()
+        rows = (rows.float() if rows.dtype == torch.bfloat16 else rows).numpy()  # ALBEF sorts float32 rows
+        exact = [albef_rank(row, targets[query]) for query, row in zip(undecided, rows, strict=True)]
+        ranks[torch.tensor(undecided, device=device)] = torch.tensor(exact, dtype=torch.long, device=device)
+    return ranks
 
 
 def recall_at_k(
@@ -44,11 +91,11 @@ def recall_at_k(
     txt2img: Sequence[int],
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Recall@K in percent for image->text (``txt_r*``) and text->image (``img_r*``) retrieval, ALBEF's definition.
+    """Recall@K in percent for image->text (``txt_r*``) and text->image (``img_r*``) retrieval: ALBEF's ``itm_eval``.
 
     scores_i2t: (N_img, N_txt); scores_t2i: (N_txt, N_img); img2txt[i]: the ground-truth text indices of image i;
     txt2img[t]: the one image of text t. An image's rank is the best rank among its ground-truth texts; recall@K is
-    the percentage of queries whose rank is below K. Ties rank in index order (stable descending sort).
+    the percentage of queries whose rank is below K, ties ranked as ALBEF ranks them (module docstring).
     Returns txt_r{k}, txt_r_mean, img_r{k}, img_r_mean and r_mean.
     """
     i2t = _as_tensor(scores_i2t, "scores_i2t")
@@ -64,31 +111,17 @@ def recall_at_k(
     for image, texts in enumerate(img2txt):
         if len(texts) == 0:
             raise ValueError(f"img2txt[{image}] is empty: every image needs at least one ground-truth text")
-    device = i2t.device
-
-    # Image -> text: the best-ranked ground-truth text is the one with the highest score, the lowest index on ties.
-    pair_image = torch.tensor([image for image, texts in enumerate(img2txt) for _ in texts], device=device)
-    pair_text = torch.tensor([text for texts in img2txt for text in texts], device=device)
-    if pair_text.min() < 0 or pair_text.max() >= num_texts:
+    if any(not 0 <= text < num_texts for texts in img2txt for text in texts):
         raise ValueError(f"img2txt holds text indices outside [0, {num_texts})")
-    pair_score = i2t[pair_image, pair_text]  # (P,)
-    best_score = torch.full((num_images,), float("-inf"), dtype=pair_score.dtype, device=device)
-    best_score = best_score.scatter_reduce(0, pair_image, pair_score, reduce="amax")  # (N_img,)
-    is_best = pair_score == best_score[pair_image]
-    best_text = torch.full((num_images,), num_texts, dtype=torch.long, device=device)
-    best_text = best_text.scatter_reduce(0, pair_image[is_best], pair_text[is_best], reduce="amin")  # (N_img,)
-    image_ranks = ranks_of_targets(i2t, best_score, best_text)  # (N_img,)
-
-    # Text -> image: the rank of the text's one image.
-    target_image = torch.as_tensor(list(txt2img), dtype=torch.long, device=device)  # (N_txt,)
-    if target_image.min() < 0 or target_image.max() >= num_images:
+    if any(not 0 <= image < num_images for image in txt2img):
         raise ValueError(f"txt2img holds image indices outside [0, {num_images})")
-    target_score = t2i[torch.arange(num_texts, device=device), target_image]
-    text_ranks = ranks_of_targets(t2i, target_score, target_image)  # (N_txt,)
+    max_rank = max(ks)
+    image_ranks = albef_ranks(i2t, img2txt, max_rank).tolist()
+    text_ranks = albef_ranks(t2i, [[image] for image in txt2img], max_rank).tolist()
 
     result: dict[str, float] = {}
     for prefix, ranks in (("txt", image_ranks), ("img", text_ranks)):
-        recalls = [100.0 * (ranks < k).double().mean().item() for k in ks]
+        recalls = [100.0 * sum(rank < k for rank in ranks) / len(ranks) for k in ks]
         result.update({f"{prefix}_r{k}": recall for k, recall in zip(ks, recalls, strict=True)})
         result[f"{prefix}_r_mean"] = sum(recalls) / len(recalls)
     result["r_mean"] = (result["txt_r_mean"] + result["img_r_mean"]) / 2
