@@ -1,7 +1,8 @@
 """RandAugment on uint8 (H, W, 3) arrays with OpenCV, with ALBEF's operations and magnitude ranges.
 
 ALBEF's policy (facts kept so that fine-tuning sees the augmentation its checkpoints were trained with): draw
-``n_ops`` operations uniformly with replacement; apply each with probability 0.5 at magnitude ``M`` out of 10:
+``n_ops`` (N, ALBEF: 2) operations uniformly with replacement; apply each with probability 0.5 at magnitude ``M`` out
+of 10 (ALBEF: 7). N and M are the config keys ``data.randaugment_num_ops`` / ``data.randaugment_magnitude``:
   Brightness / Sharpness: enhancement factor 0.1 + 1.8 * M / 10 (1.0 = unchanged)
   ShearX / ShearY:        shear factor 0.3 * M / 10, random sign
   TranslateX / TranslateY: 10 * M / 10 pixels, random sign
@@ -20,6 +21,8 @@ import cv2
 import numpy as np
 
 MAX_MAGNITUDE = 10
+ALBEF_NUM_OPS = 2  # N: operations drawn per image
+ALBEF_MAGNITUDE = 7  # M: magnitude of every operation, out of MAX_MAGNITUDE
 FILL_VALUE = 128
 TRANSLATE_PIXELS = 10.0  # translation at magnitude 10, in pixels (ALBEF's translate_const)
 # The operations ALBEF's pretraining and fine-tuning transforms use.
@@ -183,14 +186,18 @@ def apply_operation(name: str, image: np.ndarray, magnitude: float, rng: np.rand
 class RandomAugment:
     """``augment(image_hwc_uint8, rng) -> image_hwc_uint8``: n_ops random operations, each applied with p=0.5."""
 
-    def __init__(self, n_ops: int = 2, magnitude: float = 7, ops: Sequence[str] = ALBEF_OPS, prob: float = 0.5):
+    def __init__(self, n_ops: int = ALBEF_NUM_OPS, magnitude: float = ALBEF_MAGNITUDE, ops: Sequence[str] = ALBEF_OPS,
+                 prob: float = 0.5):
         unknown = [name for name in ops if name not in OPERATIONS]
         if unknown:
             raise ValueError(f"unknown RandAugment operations {unknown}; expected names from {sorted(OPERATIONS)}")
         if not ops:
             raise ValueError("RandomAugment needs at least one operation")
-        if not 0 <= magnitude <= MAX_MAGNITUDE:
-            raise ValueError(f"magnitude must be within [0, {MAX_MAGNITUDE}], got {magnitude}")
+        if isinstance(n_ops, bool) or not isinstance(n_ops, int) or n_ops < 0:
+            raise ValueError(f"RandAugment n_ops (data.randaugment_num_ops) must be an integer >= 0, got {n_ops!r}")
+        if isinstance(magnitude, bool) or not 0 <= magnitude <= MAX_MAGNITUDE:
+            raise ValueError(f"RandAugment magnitude (data.randaugment_magnitude) must be within [0, {MAX_MAGNITUDE}], "
+                             f"got {magnitude!r}")
         self.n_ops = n_ops
         self.magnitude = magnitude
         self.ops = tuple(ops)

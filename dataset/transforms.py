@@ -6,10 +6,11 @@ once it is on the GPU. All randomness comes from the ``numpy.random.Generator`` 
 augmentation is a function of (seed, epoch, index) only, whichever worker or rank draws it.
 
 ALBEF's transforms, kept as they were (ALBEF ran them with PIL):
-  pretrain: RandomResizedCrop(res, scale=(0.2, 1.0), bicubic) + horizontal flip + RandomAugment(2, 7, ALBEF_OPS)
+  pretrain: RandomResizedCrop(res, scale=(0.2, 1.0), bicubic) + horizontal flip + RandomAugment(N, M, ALBEF_OPS)
   train:    the same with scale=(0.5, 1.0) (fine-tuning: retrieval, VQA, NLVR2, SNLI-VE, captioning)
-  grounding_train: Resize((res, res), bicubic) + horizontal flip + RandomAugment(2, 7, ALBEF_OPS)
+  grounding_train: Resize((res, res), bicubic) + horizontal flip + RandomAugment(N, M, ALBEF_OPS)
   test:     Resize((res, res), bicubic)
+with ALBEF's N = 2 operations at magnitude M = 7 unless given (``data.randaugment_num_ops`` / ``_magnitude``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from dataset.randaugment import ALBEF_OPS, RandomAugment
+from dataset.randaugment import ALBEF_MAGNITUDE, ALBEF_NUM_OPS, ALBEF_OPS, RandomAugment
 
 # ALBEF's (CLIP's) normalisation statistics for [0, 1]-scaled RGB pixels.
 IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -303,17 +304,21 @@ class ImageTransform:
         )
 
 
-def build_transform(kind: str, image_res: int) -> ImageTransform:
-    """ALBEF's transform for kind in TRANSFORM_KINDS (see the module docstring) at image_res pixels."""
-    if kind == "pretrain":
-        return ImageTransform(image_res, (0.2, 1.0), True, RandomAugment(2, 7, ALBEF_OPS))
-    if kind == "train":
-        return ImageTransform(image_res, (0.5, 1.0), True, RandomAugment(2, 7, ALBEF_OPS))
-    if kind == "grounding_train":
-        return ImageTransform(image_res, None, True, RandomAugment(2, 7, ALBEF_OPS))
+def build_transform(
+    kind: str, image_res: int, randaugment_num_ops: int = ALBEF_NUM_OPS, randaugment_magnitude: float = ALBEF_MAGNITUDE
+) -> ImageTransform:
+    """ALBEF's transform for kind in TRANSFORM_KINDS (see the module docstring) at image_res pixels; the training
+    kinds draw ``randaugment_num_ops`` RandAugment operations at ``randaugment_magnitude`` (0-10)."""
     if kind == "test":
         return ImageTransform(image_res, None, False, None)
-    raise ValueError(f"unknown transform kind {kind!r}; expected one of {TRANSFORM_KINDS}")
+    if kind not in TRANSFORM_KINDS:
+        raise ValueError(f"unknown transform kind {kind!r}; expected one of {TRANSFORM_KINDS}")
+    augment = RandomAugment(randaugment_num_ops, randaugment_magnitude, ALBEF_OPS)
+    if kind == "pretrain":
+        return ImageTransform(image_res, (0.2, 1.0), True, augment)
+    if kind == "train":
+        return ImageTransform(image_res, (0.5, 1.0), True, augment)
+    return ImageTransform(image_res, None, True, augment)  # grounding_train
 
 
 # ------------------------------------------------------------------------------------------- normalisation

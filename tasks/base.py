@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dataset.loader import create_loader
+from dataset.randaugment import ALBEF_MAGNITUDE, ALBEF_NUM_OPS
 from dataset.tokenizer import build_tokenizer
 from dataset.transforms import DEFAULT_MAX_PIXELS, build_transform, normalize
 from engine import Progress, Task, dist
@@ -37,6 +38,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     # Replaces the task's training transform ("" = ALBEF's: pretrain / train / grounding_train); e.g. "test" (resize
     # only) for synthetic scenes whose small objects a random crop would cut away from their captions.
     "train_transform": "",
+    # RandAugment of the training transforms: N operations per image (0 = none) at magnitude M out of 10 (ALBEF: 2, 7).
+    "randaugment_num_ops": ALBEF_NUM_OPS,
+    "randaugment_magnitude": ALBEF_MAGNITUDE,
 }
 
 
@@ -76,9 +80,11 @@ class AlbefTask(Task):
 
     def transform(self, kind: str):
         """The image transform of that kind at model.image_res; data.train_transform replaces the training kinds."""
-        if kind != "test" and self.config.data.train_transform:
-            kind = self.config.data.train_transform
-        return build_transform(kind, int(self.config.model.image_res))
+        data = self.config.data
+        if kind != "test" and data.train_transform:
+            kind = data.train_transform
+        return build_transform(kind, int(self.config.model.image_res), data.randaugment_num_ops,
+                               data.randaugment_magnitude)
 
     def image_root(self) -> str | None:
         return self.config.data.image_root or None

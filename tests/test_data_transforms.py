@@ -299,6 +299,41 @@ def test_random_augment_is_rng_driven():
         RandomAugment(2, 7, ops=["Solarise"])
 
 
+def test_randaugment_n_and_m_are_settable_with_albef_defaults():
+    default = build_transform("train", 24).randaugment
+    assert (default.n_ops, default.magnitude) == (2, 7)  # ALBEF's RandomAugment(2, 7)
+    for kind in ("pretrain", "train", "grounding_train"):
+        augment = build_transform(kind, 24, randaugment_num_ops=4, randaugment_magnitude=9).randaugment
+        assert (augment.n_ops, augment.magnitude) == (4, 9)
+    assert build_transform("test", 24, 4, 9).randaugment is None
+    # The settings act: rotation by 0 degrees leaves the image, by 30 (M = 10) does not; N = 0 applies nothing.
+    image = _scene(32, 32)
+    rotate_only = [RandomAugment(n, m, ops=["Rotate"], prob=1.0) for n, m in ((1, 0), (1, 10), (0, 10))]
+    outputs = [augment(image.copy(), np.random.default_rng(0)) for augment in rotate_only]
+    np.testing.assert_array_equal(outputs[0], image)
+    assert not np.array_equal(outputs[1], image)
+    np.testing.assert_array_equal(outputs[2], image)
+    with pytest.raises(ValueError, match=r"data.randaugment_magnitude\) must be within \[0, 10\], got 11"):
+        build_transform("train", 24, 2, 11)
+    with pytest.raises(ValueError, match=r"data.randaugment_num_ops\) must be an integer >= 0, got -1"):
+        build_transform("train", 24, -1, 7)
+
+
+def test_randaugment_config_keys_reach_the_task_transform(synthetic_dir):
+    import engine
+    from Caption import CaptionTask
+
+    opts = [f"model.tokenizer={synthetic_dir / 'vocab.txt'}", "data.randaugment_num_ops=3",
+            "data.randaugment_magnitude=5"]
+    cfg = engine.load_config(None, opts, engine.build_schema(CaptionTask.config_defaults))
+    task = CaptionTask(cfg, torch.device("cpu"))
+    augment = task.transform("train").randaugment
+    assert (augment.n_ops, augment.magnitude) == (3, 5)
+    default_cfg = engine.load_config(None, opts[:1], engine.build_schema(CaptionTask.config_defaults))
+    augment = CaptionTask(default_cfg, torch.device("cpu")).transform("train").randaugment
+    assert (augment.n_ops, augment.magnitude) == (2, 7)
+
+
 # ------------------------------------------------------------------------------------------------ normalise
 
 
