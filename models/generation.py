@@ -1,8 +1,14 @@
-"""Batched text generation for the caption decoder: beam search and nucleus sampling over a key/value cache.
+"""Batched text generation for the caption decoder: beam search and sampling over a key/value cache.
 
 Why our own loop instead of ``transformers``' ``generate``: that needs a ``PreTrainedModel`` with its cache classes,
 and our decoder (``models.xbert``) is not one. What does fit is reused: the logits processors of
-``transformers.generation`` (repetition penalty, n-gram blocking, minimum length, top-p).
+``transformers.generation`` (repetition penalty, n-gram blocking, minimum length) and its sampling warpers, applied in
+its order (temperature, then top-k, then top-p).
+
+``num_return_sequences`` (n) sequences come back per prompt, rows ``b * n .. b * n + n - 1`` for prompt b: the n best
+finished beams in score order, or n independent samples. The knobs match those of ``transformers``' ``generate``;
+note that BLIP's nucleus sampling went through it with transformers' default ``top_k=50`` besides ``top_p=0.9`` (and
+``repetition_penalty=1.1``), where our ``top_k`` default is 0 (off).
 
 The decoder is seen through one function, ``step(new_ids (N, t), cache) -> (logits (N, V), cache)``: the first call
 gets the whole prompt and ``cache=None``, the next ones one new token per row; ``cache`` is any nest of tensors whose
@@ -29,6 +35,8 @@ from transformers.generation.logits_process import (
     MinLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -42,8 +50,11 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,  # > 1 discourages tokens already in the sequence (CTRL's rule, 1 = off)
     "no_repeat_ngram_size": 0,  # forbid repeating any n-gram of this size (0 = off)
     "length_penalty": 1.0,  # beam score = sum log p / (length + 1) ** length_penalty
-    "sample": False,  # nucleus sampling instead of beam search
-    "top_p": 0.9,  # nucleus sampling: smallest token set with this much probability mass
+    "sample": False,  # sampling instead of beam search
+    "top_p": 0.9,  # sampling: draw from the smallest token set with this much probability mass (1 = off)
+    "top_k": 0,  # sampling: draw from the k likeliest tokens only (0 = off)
+    "temperature": 1.0,  # sampling: logits divided by this before top-k / top-p (< 1 sharper, > 1 flatter)
+    "num_return_sequences": 1,  # sequences per image: the n best beams (n <= num_beams) or n independent samples
 }
 
 
@@ -59,6 +70,9 @@ class GenerationSettings:
     length_penalty: float = 1.0
     sample: bool = False
     top_p: float = 0.9
+    top_k: int = 0
+    temperature: float = 1.0
+    num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -72,6 +86,20 @@ class GenerationSettings:
             raise ValueError(f"generation.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"generation.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not self.temperature > 0.0:
+            raise ValueError(f"generation.temperature must be > 0, got {self.temperature}")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"generation.num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if not self.sample and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"generation.num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                             f"({self.num_beams}) in beam search: it returns that many of the beams")
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Decoder rows per prompt that ``step`` sees: the beams, or the samples drawn."""
+        return self.num_return_sequences if self.sample else self.num_beams
 
     @classmethod
     def from_config(cls, block: Any) -> GenerationSettings:
@@ -104,6 +132,18 @@ def build_processors(settings: GenerationSettings, prompt_length: int, eos_id: i
     return processors
 
 
+def build_warpers(settings: GenerationSettings) -> LogitsProcessorList:
+    """transformers' sampling warpers for the settings, in its order: temperature, top-k, top-p."""
+    warpers = LogitsProcessorList()
+    if settings.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k > 0:
+        warpers.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(settings.top_p))
+    return warpers
+
+
 def _only_eos(scores: Tensor, eos_id: int) -> Tensor:
     """Scores where the end token is the only choice (a sequence that reached max_length)."""
     forced = torch.full_like(scores, float("-inf"))
@@ -114,10 +154,12 @@ def _only_eos(scores: Tensor, eos_id: int) -> Tensor:
 @torch.no_grad()
 def generate(step: StepFn, prompt_ids: Tensor, settings: GenerationSettings, eos_id: int, pad_id: int,
              generator: torch.Generator | None = None) -> Tensor:
-    """Generated word pieces (B, max_length) for prompts ``prompt_ids`` (B, P), padded with ``pad_id`` after the end.
-    Beam search, or nucleus sampling when ``settings.sample``."""
+    """Generated word pieces (B * n, max_length) for prompts ``prompt_ids`` (B, P), padded with ``pad_id`` after the
+    end; n = ``settings.num_return_sequences``, rows b * n + j for prompt b. Beam search, or sampling when
+    ``settings.sample``. ``step`` must see each prompt's rows ``settings.rows_per_prompt`` times in a row."""
     if settings.sample:
-        return nucleus_sample(step, prompt_ids, settings, eos_id, pad_id, generator)
+        prompts = prompt_ids.repeat_interleave(settings.num_return_sequences, dim=0)  # (B * n, P)
+        return nucleus_sample(step, prompts, settings, eos_id, pad_id, generator)
     return beam_search(step, prompt_ids, settings, eos_id, pad_id)[0]
 
 
@@ -125,7 +167,8 @@ def generate(step: StepFn, prompt_ids: Tensor, settings: GenerationSettings, eos
 def beam_search(step: StepFn, prompt_ids: Tensor, settings: GenerationSettings, eos_id: int, pad_id: int
                 ) -> tuple[Tensor, Tensor]:
     """Batched beam search. ``step`` must see the prompts repeated ``num_beams`` times (row b * K + k is beam k of
-    prompt b). Returns the best hypothesis per prompt (B, max_length) and its score (B,)."""
+    prompt b). Returns the n = ``num_return_sequences`` best hypotheses per prompt (B * n, max_length), best first,
+    and their scores (B * n,)."""
     batch, prompt_length = prompt_ids.shape
     beams, max_length, device = settings.num_beams, settings.max_length, prompt_ids.device
     processors = build_processors(settings, prompt_length, eos_id)
@@ -171,16 +214,18 @@ def beam_search(step: StepFn, prompt_ids: Tensor, settings: GenerationSettings, 
         if bool(done.all()):
             break
         logits, cache = step(next_token, reorder_cache(cache, parent))
-    return done_seqs[:, 0], done_scores[:, 0]
+    n = settings.num_return_sequences
+    return done_seqs[:, :n].reshape(batch * n, max_length), done_scores[:, :n].reshape(batch * n)
 
 
 @torch.no_grad()
 def nucleus_sample(step: StepFn, prompt_ids: Tensor, settings: GenerationSettings, eos_id: int, pad_id: int,
                    generator: torch.Generator | None = None) -> Tensor:
-    """One sampled sequence per prompt (B, max_length): processors, then top-p filtering, then a multinomial draw."""
+    """One sampled sequence per prompt row (B, max_length): processors, then the warpers (temperature, top-k, top-p),
+    then a multinomial draw."""
     batch, prompt_length = prompt_ids.shape
     processors = build_processors(settings, prompt_length, eos_id)
-    top_p = TopPLogitsWarper(settings.top_p)
+    warpers = build_warpers(settings)
     out = torch.full((batch, settings.max_length), pad_id, dtype=torch.long, device=prompt_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     seqs = prompt_ids
@@ -189,7 +234,7 @@ def nucleus_sample(step: StepFn, prompt_ids: Tensor, settings: GenerationSetting
         scores = processors(seqs, logits.float())
         if length == settings.max_length:
             scores = _only_eos(scores, eos_id)
-        probs = F.softmax(top_p(seqs, scores), dim=-1)
+        probs = F.softmax(warpers(seqs, scores), dim=-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
         token = token.masked_fill(finished, pad_id)
         finished |= token == eos_id

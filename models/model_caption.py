@@ -81,12 +81,13 @@ class AlbefCaption(AlbefBase):
     @torch.no_grad()
     def generate(self, image: Tensor, prompt_ids: Tensor, settings: GenerationSettings,
                  generator: torch.Generator | None = None) -> Tensor:
-        """Caption word pieces (B, max_length) for normalised images (B, 3, H, W), padded after the end token.
+        """Caption word pieces (B * n, max_length) for normalised images (B, 3, H, W), padded after the end token;
+        n = ``settings.num_return_sequences`` captions per image, rows b * n .. b * n + n - 1 for image b.
         ``prompt_ids`` (P,) or (B, P): [CLS] + the prompt's word pieces, without an end token."""
         if prompt_ids.dim() == 1:
             prompt_ids = prompt_ids[None, :].expand(image.shape[0], -1)
         image_embeds = self.encode_image(image)
-        rows = 1 if settings.sample else settings.num_beams
+        rows = settings.rows_per_prompt  # decoder rows per image: its beams or its samples
         image_kv = [(key.repeat_interleave(rows, dim=0), value.repeat_interleave(rows, dim=0))
                     for key, value in self.text_decoder.bert.precompute_image_kv(image_embeds)]
 

@@ -78,23 +78,29 @@ class ImageFolderDataset(Dataset):
 @torch.no_grad()
 def generate_captions(model: nn.Module, tokenizer: Any, loader: DataLoader, device: torch.device, prompt: str,
                       settings: GenerationSettings, id_key: str, seed: int = 0) -> list[dict[str, Any]]:
-    """``[{id_key: id, "caption": text}]`` for every item of an evaluation loader, sorted by id, on every rank.
+    """``[{id_key: id, "caption": text}]`` for every item of an evaluation loader, sorted by id, on every rank; with
+    ``settings.num_return_sequences`` n > 1 also ``"captions"``: all n (best beam first, or n samples), ``"caption"``
+    being the first of them (the one the metrics score).
 
     Each rank captions its share in batches; the shares are gathered in memory and de-duplicated by id (the
     evaluation sampler pads the last share with repeats). Items with ``ok`` False are left out."""
     model = unwrap(model)
     context = prompt_ids(tokenizer, prompt).to(device)
     generator = torch.Generator(device=device).manual_seed(seed + dist.get_rank())  # nucleus sampling only
-    results: list[tuple[Any, str]] = []
+    n = settings.num_return_sequences
+    results: list[tuple[Any, list[str]]] = []
     for batch in loader:
         image = normalize(batch["image"].to(device, non_blocking=True))
-        tokens = model.generate(image, context, settings, generator=generator)  # (B, max_length)
-        captions = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+        tokens = model.generate(image, context, settings, generator=generator)  # (B * n, max_length)
+        texts = [text.strip() for text in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)]
+        captions = [texts[row : row + n] for row in range(0, len(texts), n)]  # B lists of n
         ids = batch[id_key].tolist()
         keep = batch["ok"].tolist() if "ok" in batch else [True] * len(ids)
-        results += [(key, caption.strip()) for key, caption, ok in zip(ids, captions, keep, strict=True) if ok]
-    merged: dict[Any, str] = {}
+        results += [(key, texts) for key, texts, ok in zip(ids, captions, keep, strict=True) if ok]
+    merged: dict[Any, list[str]] = {}
     for share in dist.all_gather_object(results):
-        for key, caption in share:
-            merged.setdefault(key, caption)
-    return [{id_key: key, "caption": merged[key]} for key in sorted(merged)]
+        for key, texts in share:
+            merged.setdefault(key, texts)
+    if n == 1:
+        return [{id_key: key, "caption": merged[key][0]} for key in sorted(merged)]
+    return [{id_key: key, "caption": merged[key][0], "captions": merged[key]} for key in sorted(merged)]

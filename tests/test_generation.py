@@ -171,3 +171,119 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="unknown generation keys"):
         GenerationSettings.from_config({"num_beam": 2})
     assert GenerationSettings.from_config({"num_beams": "2", "sample": False}).num_beams == 2
+
+
+# ------------------------------------------------------------------------------- top_k, temperature, several sequences
+def first_token_frequencies(table: torch.Tensor, settings: GenerationSettings, draws: int) -> torch.Tensor:
+    """How often each token is drawn first after prompt token 2, over ``draws`` samples (num_return_sequences)."""
+    settings = GenerationSettings(**{**settings.__dict__, "num_return_sequences": draws, "max_length": 1,
+                                     "min_length": 1, "sample": True})
+    tokens = generate(table_step(table), torch.tensor([[2]]), settings, EOS, PAD, torch.Generator().manual_seed(0))
+    assert tokens.shape == (draws, 1)
+    return torch.bincount(tokens[:, 0], minlength=table.shape[0]).float() / draws
+
+
+def expected_first_token(table: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """softmax(logits / temperature) over the k likeliest tokens, the end token excluded (min_length 1)."""
+    logits = table[2].clone()
+    logits[EOS] = -float("inf")
+    logits = logits / temperature
+    if top_k:
+        logits[logits < logits.topk(top_k).values[-1]] = -float("inf")
+    return F.softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 0), (0.5, 0), (2.0, 0), (1.0, 3), (2.0, 3)])
+def test_sampling_follows_temperature_and_top_k(temperature, top_k):
+    torch.manual_seed(4)
+    table = toy_table(8)
+    table[2, 3:] = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0])  # next-token logits after prompt token 2
+    settings = GenerationSettings(temperature=temperature, top_k=top_k, top_p=1.0)
+    observed = first_token_frequencies(table, settings, draws=6000)
+    expected = expected_first_token(table, temperature, top_k)
+    torch.testing.assert_close(observed, expected, atol=0.025, rtol=0)
+    if top_k:
+        assert int((observed > 0).sum()) == top_k
+    # The settings matter: the plain distribution is far from the tempered / truncated one.
+    if (temperature, top_k) != (1.0, 0):
+        assert (expected_first_token(table) - expected).abs().max() > 0.08
+
+
+def test_top_k_one_and_cold_sampling_are_greedy():
+    torch.manual_seed(3)
+    table = torch.randn(10, 10) * 3
+    table[:, PAD] = -1e4
+    prompt = torch.tensor([[2], [5], [6]])
+    greedy = generate(table_step(table), prompt, GenerationSettings(num_beams=1, max_length=6, min_length=2,
+                                                                    length_penalty=0.0), EOS, PAD)
+    for settings in (GenerationSettings(sample=True, top_k=1, top_p=1.0, max_length=6, min_length=2),
+                     GenerationSettings(sample=True, temperature=1e-4, top_p=1.0, max_length=6, min_length=2)):
+        sampled = nucleus_sample(table_step(table), prompt, settings, EOS, PAD, torch.Generator().manual_seed(0))
+        assert torch.equal(sampled, greedy)
+
+
+def test_beam_search_returns_the_n_best_sequences_in_order():
+    torch.manual_seed(1)
+    vocab, max_length, n = 6, 3, 4
+    table = torch.randn(vocab, vocab) * 2
+    table[:, PAD] = -1e4
+    settings = GenerationSettings(num_beams=40, max_length=max_length, min_length=0, length_penalty=0.0,
+                                  num_return_sequences=n)
+    tokens, scores = beam_search(table_step(table), torch.tensor([[2], [4]]), settings, eos_id=EOS, pad_id=PAD)
+    assert tokens.shape == (2 * n, max_length) and scores.shape == (2 * n,)
+    log_probs = F.log_softmax(table, dim=-1)
+    words = [t for t in range(vocab) if t not in (PAD, EOS)]
+    for row, start in enumerate((2, 4)):
+        ranked = []
+        for length in range(max_length + 1):
+            for body in itertools.product(words, repeat=length):
+                path = (start, *body) if length == max_length else (start, *body, EOS)
+                ranked.append((sum(log_probs[a, b].item() for a, b in itertools.pairwise(path)), list(body)))
+        ranked.sort(key=lambda item: -item[0])
+        for j in range(n):  # rows row * n + j: the j-th best sequence of prompt row
+            got = [t for t in tokens[row * n + j].tolist() if t != PAD]
+            assert got == ranked[j][1], (row, j)
+            assert scores[row * n + j].item() == pytest.approx(ranked[j][0], abs=1e-4)
+
+
+def test_several_samples_per_prompt_are_grouped_by_prompt():
+    vocab = 12
+    table = toy_table(vocab, -1e4)
+    table[2, 5] = table[2, 6] = 0.0  # prompt 2 continues with 5 or 6 ...
+    table[4, 7] = table[4, 8] = 0.0  # ... prompt 4 with 7 or 8
+    table[5:9, EOS] = 0.0  # then ends
+    settings = GenerationSettings(sample=True, top_p=1.0, max_length=3, min_length=0, num_return_sequences=8)
+    tokens = generate(table_step(table), torch.tensor([[2], [4]]), settings, EOS, PAD,
+                      torch.Generator().manual_seed(0))
+    assert tokens.shape == (16, 3)
+    assert set(tokens[:8, 0].tolist()) == {5, 6} and set(tokens[8:, 0].tolist()) == {7, 8}  # both drawn, in order
+
+
+def test_model_generate_returns_n_captions_per_image(tmp_path):
+    model = caption_model(tmp_path)
+    image = torch.randn(3, 3, 32, 32)
+    prompt = torch.tensor([SPECIAL.cls, 10, 11])
+    one = GenerationSettings(num_beams=3, max_length=8, min_length=1)
+    three = GenerationSettings(num_beams=3, max_length=8, min_length=1, num_return_sequences=3)
+    with torch.no_grad():
+        best = model.generate(image, prompt, one)
+        all_beams = model.generate(image, prompt, three)
+        sampled = model.generate(image, prompt, GenerationSettings(sample=True, max_length=8, num_return_sequences=2),
+                                 generator=torch.Generator().manual_seed(0))
+    assert best.shape == (3, 8) and all_beams.shape == (9, 8) and sampled.shape == (6, 8)
+    assert torch.equal(all_beams[::3], best)  # the first of each image's three is its best beam
+    assert all(len({tuple(row) for row in all_beams[3 * b:3 * b + 3].tolist()}) == 3 for b in range(3))
+
+
+def test_new_settings_are_validated():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        GenerationSettings(temperature=0.0)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        GenerationSettings(top_k=-1)
+    with pytest.raises(ValueError, match="num_return_sequences must be >= 1"):
+        GenerationSettings(num_return_sequences=0)
+    with pytest.raises(ValueError, match=r"num_return_sequences \(4\) must be <= num_beams \(3\)"):
+        GenerationSettings(num_beams=3, num_return_sequences=4)
+    assert GenerationSettings(sample=True, num_beams=1, num_return_sequences=4).rows_per_prompt == 4
+    settings = GenerationSettings.from_config({"top_k": "50", "temperature": "0.7", "num_return_sequences": 2})
+    assert (settings.top_k, settings.temperature, settings.num_return_sequences) == (50, 0.7, 2)
