@@ -8,12 +8,14 @@
 Training files: ``[{image, caption, image_id}]`` (COCO Karpathy train, or any dataset in that format); evaluation
 files: ``[{image, caption: [..]}]``, scored against ``data.{val,test}_gt_file`` (COCO-format ground truth) or, when
 that is empty, against the captions of the evaluation file itself. Every evaluation writes
-``caption_<split>_eval<N>.json`` (``[{image_id, caption}]``) to the output folder and reports BLEU-1..4, METEOR (needs
-Java), ROUGE-L, CIDEr and SPICE (when its jars are installed) plus ``score``, the mean of ``eval.score_metrics``, which
-picks the best checkpoint and drives early stopping (``train.early_stop_patience``).
+``caption_<split>_eval<N>.json`` (``[{image_id, caption}]``, plus ``captions`` with ``generation.num_return_sequences``
+> 1) to the output folder and reports BLEU-1..4, METEOR (needs Java), ROUGE-L, CIDEr and SPICE (when its jars are
+installed) plus ``score``, the mean of ``eval.score_metrics``, which picks the best checkpoint and drives early
+stopping (``train.early_stop_patience``). Result files are never overwritten: N counts on from the largest number
+already in the folder, so a second ``--evaluate`` into it writes ``..._eval2.json``.
 
-With ``data.image_folder`` set, evaluation captions every image in that folder instead (``captions_folder.json``:
-``[{image, caption}]``); use it with ``--evaluate`` and a captioning checkpoint.
+With ``data.image_folder`` set, evaluation captions every image in that folder instead (``captions_folder.json``, then
+``captions_folder_2.json``, ...: ``[{image, caption}]``); use it with ``--evaluate`` and a captioning checkpoint.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ class CaptionTask(AlbefTask):
     def __init__(self, config, device) -> None:
         super().__init__(config, device)
         self.settings = GenerationSettings.from_config(config.generation)
-        self.eval_counts: dict[str, int] = {}
         self.prompt_length = len(prompt_ids(self.tokenizer, config.caption.prompt))  # [CLS] + prompt word pieces
 
     def build_train_loader(self):
@@ -94,7 +95,8 @@ class CaptionTask(AlbefTask):
                                     self.settings, id_key="image_id", seed=int(self.config.seed))
         metrics = None
         if dist.is_main():
-            self.write_result(f"caption_{split}_eval{self.eval_count(split)}.json", results)
+            path = self.write_result(f"caption_{split}_eval{{n}}.json", results)
+            log.info("%s captions -> %s", split, path)
             gt_file = data[f"{split}_gt_file"]
             references = (load_coco_references(gt_file) if gt_file else
                           {image_id: entry["caption"] for image_id, entry in zip(dataset.image_ids, dataset.entries,
@@ -124,15 +126,11 @@ class CaptionTask(AlbefTask):
         results = generate_captions(model, self.tokenizer, loader, self.device, self.config.caption.prompt,
                                     self.settings, id_key="index", seed=int(self.config.seed))
         if dist.is_main():
-            named = [{"image": dataset.files[item["index"]], "caption": item["caption"]} for item in results]
+            named = [{"image": dataset.files[item["index"]], **{k: v for k, v in item.items() if k != "index"}}
+                     for item in results]
             path = self.write_result("captions_folder.json", named)
             log.info("captioned %d of %d images of %s -> %s", len(named), len(dataset), data.image_folder, path)
         return {"num_images": float(len(results))}
-
-    def eval_count(self, split: str) -> int:
-        """How many times ``split`` has been evaluated in this run (numbers the result files)."""
-        self.eval_counts[split] = self.eval_counts.get(split, 0) + 1
-        return self.eval_counts[split]
 
 main = main_for(CaptionTask)
 

@@ -9,8 +9,9 @@ with ``model.distill``. Evaluation of ``data.val_file`` / ``data.test_file``: th
 answer decoder pick the ``eval.k_test`` likeliest answers of ``data.answer_list``, the full answer likelihood re-ranks
 them (batched, each rank answers its share, merged in memory). Each evaluation writes
 ``vqa_result_<split>_eval<N>.json`` in the official format (``[{"question_id", "answer"}]``, the test-dev submission
-file). The val split is scored with the official VQA accuracy (vqaTools; ``eval.vqa_rules``: "2021", the current
-official code, or "2017", the version ALBEF vendored): against ``data.val_annotation_file`` and
+file; never overwritten: N counts on from the largest number already in the output folder). The val split is scored
+with the official VQA accuracy (vqaTools; ``eval.vqa_rules``: "2021", the current official code, or "2017", the
+version ALBEF vendored): against ``data.val_annotation_file`` and
 ``data.val_question_file`` (VQA v2 files; overall and per answer type) when given, else against the annotator answers
 in ``data.val_file``.
 """
@@ -59,7 +60,6 @@ class VQATask(AlbefTask):
     def __init__(self, config, device) -> None:
         super().__init__(config, device)
         check_rules(config.eval.vqa_rules)  # a misspelt rule set fails now, not after training
-        self.eval_counts: dict[str, int] = {}
 
     def build_train_loader(self):
         data = self.config.data
@@ -94,8 +94,7 @@ class VQATask(AlbefTask):
         results = [{"question_id": qid, "answer": predictions[qid]} for qid in sorted(predictions)]
         metrics: dict[str, float] | None = {"num_questions": float(len(results))}
         if dist.is_main():
-            self.eval_counts[split] = self.eval_counts.get(split, 0) + 1
-            self.write_result(f"vqa_result_{split}_eval{self.eval_counts[split]}.json", results)
+            self.write_result(f"vqa_result_{split}_eval{{n}}.json", results)
             if split == "val":
                 metrics.update(self.accuracy(dataset.entries, predictions))
         return dist.broadcast_object(metrics)

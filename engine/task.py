@@ -5,6 +5,9 @@ from __future__ import annotations
 import abc
 import json
 import logging
+import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +36,33 @@ def output_path(output_dir: str | Path, name: str) -> Path:
         raise ValueError(f"result file name {name!r} would write outside output_dir {root} (resolved to {path}): "
                          "result names must be relative paths inside the run's output folder")
     return path
+
+
+RESULT_NUMBER = "{n}"  # the place of the file's number in a result name ("caption_val_eval{n}.json")
+
+
+def numbered_result_name(name: str, number: int) -> str:
+    """``name`` with its number: ``{n}`` replaced by it, or, in a name without ``{n}``, ``_<number>`` before the
+    suffix from 2 on (number 1 is the name itself: "captions_folder.json", "captions_folder_2.json", ...)."""
+    if RESULT_NUMBER in name:
+        return name.replace(RESULT_NUMBER, str(number))
+    if number == 1:
+        return name
+    stem, dot, suffix = name.rpartition(".") if "." in Path(name).name else (name, "", "")
+    return f"{stem}_{number}{dot}{suffix}"
+
+
+def next_result_number(folder: Path, name: str) -> int:
+    """1 + the largest number of an existing result file of that name pattern in ``folder`` (1 when there is none):
+    numbers keep counting across runs into the same folder, in the order the files were written."""
+    pattern = re.escape(Path(name).name)
+    if RESULT_NUMBER in name:
+        pattern = pattern.replace(re.escape(RESULT_NUMBER), r"(\d+)")
+    else:
+        stem, dot, suffix = pattern.rpartition(r"\.") if "." in Path(name).name else (pattern, "", "")
+        pattern = f"{stem}(?:_(\\d+))?{dot}{suffix}"
+    numbers = [int(match.group(1) or 1) for match in map(re.compile(pattern).fullmatch, os.listdir(folder)) if match]
+    return max(numbers, default=0) + 1
 
 
 @dataclass
@@ -96,17 +126,34 @@ class Task(abc.ABC):
             log.info("unexpected keys: %s", result.unexpected_keys)
 
     def write_result(self, name: str, data: Any) -> Path:
-        """Write ``data`` as JSON to ``name`` in the run's output folder (call it on the main rank only).
+        """Write ``data`` as JSON to ``name`` in the run's output folder (call it on the main rank only); returns the
+        path written.
+
+        Never overwrites: ``{n}`` in ``name`` becomes 1 + the largest number already there (a second ``--evaluate``
+        into the same folder writes ``caption_val_eval2.json`` beside ``..._eval1.json``); a name without ``{n}``
+        that exists gets ``_2``, ``_3``, ... before its suffix. The file appears complete or not at all.
 
         ``name`` may come from a config or an annotation file, so it must stay inside the output folder: an absolute
         path, ``..`` or a symlink that leads out is refused with a ValueError (see `output_path`).
         """
         if self.output_dir is None:
             raise RuntimeError(f"{type(self).__name__}.output_dir is not set: result files need a run's output folder")
-        path = output_path(self.output_dir, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data), encoding="utf-8")
-        return path
+        folder = output_path(self.output_dir, numbered_result_name(name, 1)).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".result_", suffix=".tmp", delete=False,
+                                         encoding="utf-8") as tmp:
+            json.dump(data, tmp)
+        try:
+            number = next_result_number(folder, name)
+            while True:
+                path = output_path(self.output_dir, numbered_result_name(name, number))
+                try:
+                    os.link(tmp.name, path)  # fails instead of replacing an existing file (another run's)
+                    return path
+                except FileExistsError:
+                    number += 1
+        finally:
+            os.unlink(tmp.name)
 
     def on_epoch_end(self, epoch: int) -> None:  # noqa: B027 - an optional hook, deliberately empty by default
         """Hook after each training epoch (before its evaluation)."""

@@ -114,3 +114,22 @@ def test_caption_two_gloo_processes(synthetic_dir, tmp_path):
     assert sorted(r["image_id"] for r in results) == sorted(image["id"] for image in gt["images"])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("val/CIDEr" in r for r in records)
+
+
+def test_two_evaluate_runs_into_one_folder_never_overwrite_results(synthetic_dir, tmp_path):
+    """--evaluate twice into the same output folder (the second with 2 captions per image): both result files stay;
+    the same weights (seeded init) give the same best caption, now first of the two."""
+    from Caption import main
+
+    out = tmp_path / "evals"
+    quick = ["generation.max_length=6", "generation.num_beams=2", "generation.min_length=1"]
+    main(caption_argv(synthetic_dir, out, *quick) + ["--evaluate"])
+    first_text = (out / "caption_val_eval1.json").read_text()
+    main(caption_argv(synthetic_dir, out, *quick, "generation.num_return_sequences=2") + ["--evaluate"])
+    assert (out / "caption_val_eval1.json").read_text() == first_text
+    first, second = json.loads(first_text), json.loads((out / "caption_val_eval2.json").read_text())
+    assert [r["image_id"] for r in second] == [r["image_id"] for r in first]
+    assert all(len(r["captions"]) == 2 and r["caption"] == r["captions"][0] for r in second)
+    assert [r["caption"] for r in second] == [r["caption"] for r in first]
+    assert "captions" not in first[0]
+    assert not (out / "caption_val_eval3.json").exists()
