@@ -148,7 +148,13 @@ class Task(abc.ABC):
             while True:
                 path = output_path(self.output_dir, numbered_result_name(name, number))
                 try:
-                    os.link(tmp.name, path)  # fails instead of replacing an existing file (another run's)
+                    try:
+                        os.link(tmp.name, path)  # fails instead of replacing an existing file (another run's)
+                    except FileExistsError:
+                        raise
+                    except OSError:  # a file system without hard links: exclusive creation, then the content
+                        with open(path, "x", encoding="utf-8") as file:
+                            json.dump(data, file)
                     return path
                 except FileExistsError:
                     number += 1

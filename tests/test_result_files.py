@@ -47,3 +47,18 @@ def test_numbered_names_stay_inside_output_dir(tmp_path):
     with pytest.raises(ValueError, match="would write outside output_dir"):
         _task(out).write_result("../escape_{n}.json", [1])
     assert not (tmp_path / "escape_1.json").exists()
+
+
+def test_results_without_hard_links(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def no_links(source, target):
+        raise PermissionError("hard links not supported")
+
+    monkeypatch.setattr(engine.task.os, "link", no_links)
+    task = _task(out)
+    assert task.write_result("val_eval{n}.json", [1]).name == "val_eval1.json"
+    assert task.write_result("val_eval{n}.json", [2]).name == "val_eval2.json"
+    assert json.loads((out / "val_eval1.json").read_text()) == [1]
+    assert not list(out.glob(".result_*"))
