@@ -70,7 +70,8 @@ class CaptionTask(AlbefTask):
                              "image_id}]")
         dataset = CaptionTrainDataset(list(data.train_file), self.transform("train"), self.image_root(),
                                       max_words=int(data.max_words), **self.dataset_options())
-        collator = PromptCaptionCollator(self.tokenizer, int(data.max_tokens), self.config.caption.prompt)
+        collator = PromptCaptionCollator(self.tokenizer, int(data.max_tokens), self.config.caption.prompt,
+                                         padding=self.text_padding(train=True))
         return self.loader(dataset, train=True, collate_fn=collator)
 
     def train_step(self, model, batch: dict[str, Any], progress) -> dict[str, Any]:
@@ -84,12 +85,18 @@ class CaptionTask(AlbefTask):
             return ["folder"]
         return [split for split in ("val", "test") if data[f"{split}_file"]]
 
+    def build_eval_dataset(self, split: str, **options: Any) -> CaptionEvalDataset | None:
+        data = self.config.data
+        if split == "folder":
+            return None  # data.image_folder: captions of the images in a folder, no annotation file
+        return CaptionEvalDataset(data[f"{split}_file"], self.transform("test"), self.image_root(),
+                                  max_words=int(data.max_words), **options)
+
     def evaluate(self, model, split: str) -> dict[str, float]:
         if split == "folder":
             return self.caption_folder(model)
         data = self.config.data
-        dataset = CaptionEvalDataset(data[f"{split}_file"], self.transform("test"), self.image_root(),
-                                     max_words=int(data.max_words), **self.dataset_options())
+        dataset = self.eval_dataset(split)
         loader = self.loader(dataset, train=False, collate_fn=dataset.make_collator(self.tokenizer))
         results = generate_captions(model, self.tokenizer, loader, self.device, self.config.caption.prompt,
                                     self.settings, id_key="image_id", seed=int(self.config.seed))

@@ -14,6 +14,8 @@ predictions gathered in memory. The official refcoco.pth loads with its key name
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -69,12 +71,15 @@ class GroundingTask(ItcItmTask):
             self._dets = load_dets(data.dets_file)
         return self._refer, self._dets
 
+    def build_eval_dataset(self, split: str, **options: Any) -> GroundingDataset:
+        data = self.config.data
+        return GroundingDataset(data.val_file if split == "val" else data.test_file, self.transform("test"),
+                                self.image_root(), max_words=int(data.max_words), train=False, **options)
+
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        data, cam_cfg = self.config.data, self.config.gradcam
+        cam_cfg = self.config.gradcam
         refer, dets = self.refer_and_dets()
-        dataset = GroundingDataset(data.val_file if split == "val" else data.test_file, self.transform("test"),
-                                   self.image_root(), max_words=int(data.max_words), train=False,
-                                   **self.dataset_options())
+        dataset = self.eval_dataset(split)
         net = unwrap(model)  # Grad-CAM differentiates w.r.t. activations only: no DDP machinery involved
         local: list[tuple[int, dict]] = []
         for batch in self.loader(dataset, train=False):

@@ -12,7 +12,7 @@ from typing import Any
 from dataset.datasets import PretrainDataset
 from engine import main_for
 from tasks.base import AlbefTask, task_defaults
-from tasks.retrieval_eval import evaluate_retrieval_file
+from tasks.retrieval_eval import evaluate_retrieval_file, retrieval_eval_dataset
 
 
 class PretrainTask(AlbefTask):
@@ -38,10 +38,12 @@ class PretrainTask(AlbefTask):
     def eval_splits(self) -> list[str]:
         return ["val"] if self.config.data.eval_file else []
 
-    def evaluate(self, model, split: str) -> dict[str, float]:
+    def build_eval_dataset(self, split: str, **options: Any):
         data = self.config.data
-        return evaluate_retrieval_file(self, model, data.eval_file, data.eval_image_root or self.image_root(),
-                                       int(self.config.eval.k_test))
+        return retrieval_eval_dataset(self, data.eval_file, data.eval_image_root or self.image_root(), **options)
+
+    def evaluate(self, model, split: str) -> dict[str, float]:
+        return evaluate_retrieval_file(self, model, split, int(self.config.eval.k_test))
 
 
 main = main_for(PretrainTask)

@@ -43,10 +43,13 @@ class PretrainNLVRTask(AlbefTask):
     def eval_splits(self) -> list[str]:
         return ["val"] if self.config.data.eval_file else []
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+    def build_eval_dataset(self, split: str, **options: Any) -> TextAssignmentEvalDataset:
         data = self.config.data
-        dataset = TextAssignmentEvalDataset(data.eval_file, self.transform("test"), self.image_root(),
-                                            max_words=int(data.max_words), **self.dataset_options())
+        return TextAssignmentEvalDataset(data.eval_file, self.transform("test"), self.image_root(),
+                                         max_words=int(data.max_words), **options)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        dataset = self.eval_dataset(split)
         inner = unwrap(model)
 
         def predict(batch: dict[str, Any]) -> Tensor:

@@ -10,14 +10,16 @@ is kept by val r_mean. ``--evaluate`` with a pretraining checkpoint gives zero-s
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dataset.datasets import RetrievalTrainDataset
+from dataset.datasets import RetrievalEvalDataset, RetrievalTrainDataset
 from engine import main_for
 from tasks.base import task_defaults
 from tasks.itc_itm import ItcItmTask
-from tasks.retrieval_eval import evaluate_retrieval_file
+from tasks.retrieval_eval import evaluate_retrieval_file, retrieval_eval_dataset
 
 
 class RetrievalTask(ItcItmTask):
@@ -39,9 +41,11 @@ class RetrievalTask(ItcItmTask):
         return self.train_loader_for(RetrievalTrainDataset, "train",
                                      "retrieval training ([{image, caption, image_id}])")
 
+    def build_eval_dataset(self, split: str, **options: Any) -> RetrievalEvalDataset:
+        return retrieval_eval_dataset(self, self.config.data[f"{split}_file"], self.image_root(), **options)
+
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        return evaluate_retrieval_file(self, model, self.config.data[f"{split}_file"], self.image_root(),
-                                       int(self.config.eval.k_test))
+        return evaluate_retrieval_file(self, model, split, int(self.config.eval.k_test))
 
 
 main = main_for(RetrievalTask)

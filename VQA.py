@@ -68,7 +68,7 @@ class VQATask(AlbefTask):
         dataset = VQADataset(list(data.train_file), self.transform("train"), self.image_root(),
                              vg_root=data.vg_root or None, train=True, max_words=int(data.max_words),
                              **self.dataset_options())
-        collator = dataset.make_collator(self.tokenizer, int(data.max_tokens),
+        collator = dataset.make_collator(self.tokenizer, int(data.max_tokens), padding=self.text_padding(train=True),
                                          max_answer_length=int(data.max_answer_tokens))
         return self.loader(dataset, train=True, collate_fn=collator)
 
@@ -80,13 +80,17 @@ class VQATask(AlbefTask):
     def eval_splits(self) -> list[str]:
         return [split for split in ("val", "test") if self.config.data[f"{split}_file"]]
 
+    def build_eval_dataset(self, split: str, **options: Any) -> VQADataset:
+        data = self.config.data
+        return VQADataset(data[f"{split}_file"], self.transform("test"), self.image_root(),
+                          vg_root=data.vg_root or None, train=False, **options)
+
     def evaluate(self, model, split: str) -> dict[str, float]:
         data = self.config.data
         if not data.answer_list:
             raise ValueError("data.answer_list is empty: evaluation ranks the answers of that JSON list")
         answer_list = load_answer_list(data.answer_list)
-        dataset = VQADataset(data[f"{split}_file"], self.transform("test"), self.image_root(),
-                             vg_root=data.vg_root or None, train=False, **self.dataset_options())
+        dataset = self.eval_dataset(split)
         loader = self.loader(dataset, train=False, collate_fn=dataset.make_collator(self.tokenizer,
                                                                                     int(data.max_tokens)))
         predictions = answer_questions(model, loader, self.tokenizer, answer_list, self.device,

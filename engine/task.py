@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engine.checkpoint import load_checkpoint_file
+from engine.checkpoint import CheckpointFit, check_fit, load_checkpoint_file
 from engine.config import Config
 
 log = logging.getLogger("alignfuse")
@@ -113,17 +113,25 @@ class Task(abc.ABC):
     def eval_splits(self) -> list[str]:
         return ["val"]
 
-    def load_pretrained(self, model: nn.Module, path: str | Path) -> None:
-        """Load weights for --checkpoint: the 'model' entry if present, non-strict, logging what did not match."""
+    def load_pretrained(self, model: nn.Module, path: str | Path, evaluate: bool = False,
+                        allow_partial: bool = False) -> None:
+        """Load weights for --checkpoint: the 'model' entry if present, by key. Refused (ValueError) when a tensor
+        has another shape, when the file fills under half of the model or, with ``evaluate``, not every weight,
+        unless ``allow_partial`` (--allow_partial_checkpoint); see engine.checkpoint.check_fit."""
         state = load_checkpoint_file(path)
-        weights = state.get("model", state)
-        result = model.load_state_dict(weights, strict=False)
-        log.info("loaded %s: %d missing keys, %d unexpected keys", path, len(result.missing_keys),
-                 len(result.unexpected_keys))
-        if result.missing_keys:
-            log.info("missing keys: %s", result.missing_keys)
-        if result.unexpected_keys:
-            log.info("unexpected keys: %s", result.unexpected_keys)
+        weights = state["model"] if isinstance(state.get("model"), dict) else state
+        own = model.state_dict()
+        mismatched = [key for key, value in weights.items()
+                      if key in own and tuple(getattr(value, "shape", ())) != tuple(own[key].shape)]
+        if mismatched:
+            raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {len(mismatched)} tensors have "
+                             f"another shape than the model's (e.g. {mismatched[:3]}); build the model with the "
+                             "config the checkpoint was trained with")
+        fit = CheckpointFit(str(path), type(model).__name__, {key: value.numel() for key, value in own.items()},
+                            {key for key in weights if key in own}, len(weights),
+                            unused=[key for key in weights if key not in own])
+        check_fit(fit, evaluate, allow_partial)
+        model.load_state_dict(weights, strict=False)
 
     def write_result(self, name: str, data: Any) -> Path:
         """Write ``data`` as JSON to ``name`` in the run's output folder (call it on the main rank only); returns the
@@ -160,6 +168,10 @@ class Task(abc.ABC):
                     number += 1
         finally:
             os.unlink(tmp.name)
+
+    def check_data(self) -> None:  # noqa: B027 - an optional hook, deliberately empty by default
+        """Called once before training or evaluation starts: raise a clear error for data that cannot work (e.g. a
+        wrong image folder), before any time is spent."""
 
     def on_epoch_end(self, epoch: int) -> None:  # noqa: B027 - an optional hook, deliberately empty by default
         """Hook after each training epoch (before its evaluation)."""

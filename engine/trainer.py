@@ -45,8 +45,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine import checkpoint as ckpt
-from engine import dist
+from engine import dist, errors, throughput
 from engine.config import Config, build_schema, load_config, save_config
+from engine.launch import report_clean_stop
 from engine.logger import RunLogger
 from engine.task import Progress, Task
 
@@ -59,12 +60,17 @@ def build_arg_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--config", type=str, default=None, help="YAML config file (may include base: files)")
     parser.add_argument("--output_dir", type=str, default=None, help="where logs and checkpoints go")
     parser.add_argument("--checkpoint", type=str, default=None, help="pretrained weights for the task's model")
+    parser.add_argument("--allow_partial_checkpoint", action="store_true",
+                        help="accept a --checkpoint that fills under half of the model's weights (or, with --evaluate,"
+                             " not every weight); the missing ones stay at their initialisation")
     parser.add_argument("--resume", type=str, default=None, help="a checkpoint to resume from, or 'auto'")
     parser.add_argument("--evaluate", action="store_true", help="evaluate only, no training")
     parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     parser.add_argument("--device", type=str, default=None, choices=["auto", "cpu", "cuda"], help="overrides config")
     parser.add_argument("--opts", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. train.epochs=3 optimizer.lr=1e-4")
+    parser.add_argument(errors.DEBUG_FLAG, action="store_true",
+                        help=f"show the traceback of a user error (wrong file, key, value...); or {errors.DEBUG_ENV}=1")
     return parser
 
 
@@ -94,6 +100,18 @@ def check_writable(output_dir: Path) -> None:
         raise ValueError(f"output_dir {output_dir} cannot be created or written: {err}") from None
 
 
+def compile_model(model: nn.Module, backend: str, mode: str) -> nn.Module:
+    """torch.compile for the training step (train.compile, compile_backend, compile_mode).
+
+    Tasks pad training texts to data.max_tokens under compile (one text shape). What still varies from step to step is
+    data-dependent, e.g. how many tokens MLM masked: such boolean-mask gathers are captured into the graph with a
+    symbolic size instead of splitting it there (torch graph-breaks on them by default, and every piece after a break
+    is recompiled for each new size). So a step is one graph, compiled on the first compiled step and again at most
+    once when a float input such as the distillation alpha first changes (it then becomes a symbol)."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
+
+
 class StopSignal:
     """SIGTERM/SIGINT set a flag that the loop reads after each optimizer step; a second SIGINT exits at once."""
 
@@ -113,9 +131,11 @@ class StopSignal:
         self.requested = signal.Signals(signum).name
 
     def restore(self, ignore_term: bool = False) -> None:
-        """Put the previous handlers back; `ignore_term` ignores SIGTERM instead, for a rank on its way out after a
-        peer failure: torchrun SIGTERMs the survivors as soon as one rank exits, which would otherwise kill this
-        rank before it reports why it stopped (torchrun still SIGKILLs it after its grace period)."""
+        """Put the previous handlers back; `ignore_term` ignores SIGTERM instead, for a rank on its way out: after a
+        peer failure, torchrun SIGTERMs the survivors as soon as one rank exits, which would otherwise kill this rank
+        before it reports why it stopped; after a stop signal, the same preemption often arrives twice (SLURM signals
+        every process and torchrun forwards its own copy), and the second must not kill a rank that is shutting down
+        (torchrun still SIGKILLs it after its grace period)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, signal.SIG_IGN if ignore_term and sig == signal.SIGTERM else handler)
         self._previous = {}
@@ -216,6 +236,9 @@ class Trainer:
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None
         self.ema: AveragedModel | None = None
+        self.meter: throughput.StepMeter | None = None  # training throughput (set up with the loader)
+        self._input_bound_warned = -1  # the epoch of the last input-bound warning
+        self._windows_logged = 0
 
     # ----------------------------------------------------------------------------------------------- setup
     def _resume_state(self) -> tuple[Path, dict[str, Any]] | None:
@@ -288,8 +311,13 @@ class Trainer:
                 static_graph=bool(self.tcfg.static_graph),
             )
             self.train_model = self.ddp
+        self._eager_train_model = self.train_model  # the FLOP-counting step runs uncompiled
+        peak, self.peak_source = (throughput.device_peak_flops(self.device, self.amp_dtype)
+                                  if self.tcfg.count_flops else (None, "not measured (train.count_flops: false)"))
+        self.meter = throughput.StepMeter(self.world, peak)
         if self.tcfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = compile_model(self.train_model, str(self.tcfg.compile_backend),
+                                             str(self.tcfg.compile_mode))
 
     def _setup_deepspeed(self, resume: tuple[Path, dict[str, Any]] | None) -> None:
         """deepspeed.initialize with our optimizer and scheduler; DeepSpeed owns accumulation, clipping and fp16."""
@@ -321,6 +349,37 @@ class Trainer:
             if load_path is None:
                 raise ValueError(f"DeepSpeed state {resume[1]['deepspeed_tag']} for {resume[0]} was not found under "
                                  f"{ds_dir}")
+
+    def banner(self, training: bool) -> str:
+        """The run's start-up summary (logged once on rank 0): what runs where, how big, and where it writes."""
+        params = list(self.model.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        if self.device.type == "cuda":
+            where = f"{self.world} x {torch.cuda.get_device_name(self.device)}"
+        else:
+            where = f"{self.world} x CPU ({torch.get_num_threads()} threads)"
+        dtype = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
+        lines = [
+            f"{self.task.name}: {'training' if training else 'evaluation'} on {where}, "
+            f"{dtype.get(self.amp_dtype, str(self.amp_dtype))}, backend {dist.backend_name()}",
+            f"model {type(self.model).__name__}: {trainable / 1e6:.2f} M trainable of {total / 1e6:.2f} M parameters",
+        ]
+        if training:
+            batch = int(self.loader.batch_size)
+            extras = [name for name, on in (("torch.compile", self.tcfg.compile),
+                                            (f"DeepSpeed ZeRO-{self.cfg.deepspeed.zero_stage}", self.use_deepspeed),
+                                            ("DDP", self.ddp is not None), ("EMA", self.ema is not None)) if on]
+            lines += [
+                f"data: {len(self.loader.dataset)} training samples, {self.loader.num_workers} loader worker(s) per "
+                f"rank; eval splits {self.task.eval_splits()}",
+                f"batch: {batch} per rank x {self.world} ranks x {self.accum} accumulation = "
+                f"{batch * self.world * self.accum} per optimizer step; {self.steps_per_epoch} steps per epoch, "
+                f"{self.total_steps} in this run (from step {self.step}){'; ' + ', '.join(extras) if extras else ''}",
+                f"MFU peak: {self.peak_source}",
+            ]
+        lines += [f"config {self.args.config or '(defaults only)'}, output {self.output_dir.resolve()}"]
+        return "\n  ".join(lines)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def state_dict(self, full: bool = True) -> dict[str, Any]:
@@ -423,6 +482,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Every eval split on the EMA (or raw) weights; logs and returns '<split>/<metric>' values."""
+        from dataset.datasets import EvalImageError  # here, not at the top: the engine alone stays light to import
+
         model = self._eval_model()
         was_training = model.training
         model.eval()
@@ -431,11 +492,20 @@ class Trainer:
         autocast = self._autocast()
         with torch.no_grad(), autocast:
             for split in self.task.eval_splits():
-                for key, value in self.task.evaluate(model, split).items():
+                try:
+                    split_metrics = self.task.evaluate(model, split)
+                except EvalImageError as err:  # from a loader worker it arrives through torch's re-raise: one line
+                    raise EvalImageError(str(err)) from None
+                for key, value in split_metrics.items():
                     metrics[f"{split}/{key}"] = float(value)
+                skipped = getattr(self.task, "skipped_eval_images", {}).get(split)
+                if skipped is not None:  # samples left out for an unreadable image (data.eval_skip_broken_images)
+                    metrics[f"{split}/skipped_images"] = float(skipped)
         model.train(was_training)
         self.last_eval_step = self.step
         self.last_metrics = metrics
+        if self.meter is not None:
+            self.meter.exclude(time.perf_counter() - start)  # evaluation time is not training throughput
         if metrics:
             self.log.log_record({"epoch": self.epoch, **metrics, "eval_time_s": time.perf_counter() - start}, self.step)
             self.log.info("eval step %d epoch %d: %s", self.step, self.epoch,
@@ -502,14 +572,32 @@ class Trainer:
         chunks = max(1, int(self.tcfg.epoch_chunks))
         return {math.ceil(self.steps_per_epoch * k / chunks) for k in range(1, chunks + 1)}
 
-    def _micro_step(self, batch: Any, progress: Progress, last: bool, group_size: int) -> dict[str, torch.Tensor]:
+    def _counted_micro_step(self, batch: Any, progress: Progress, last: bool, group_size: int
+                            ) -> dict[str, torch.Tensor]:
+        """`_micro_step`, and on the run's first micro-batch also its FLOPs per sample (for train/mfu): counted on the
+        step training does anyway (uncompiled: FlopCounterMode cannot see inside a compiled graph)."""
+        if self.meter.flops_per_sample is not None or not self.tcfg.count_flops or self.meter.peak_flops is None:
+            return self._micro_step(batch, progress, last, group_size)
+        start = time.perf_counter()
+        out, flops = throughput.count_flops(
+            lambda: self._micro_step(batch, progress, last, group_size, model=self._eager_train_model))
+        samples = throughput.batch_size_of(batch, int(self.loader.batch_size))
+        self.meter.discount(time.perf_counter() - start, samples)
+        self.meter.flops_per_sample = flops / max(samples, 1)
+        self.log.info("FLOPs per training sample: %.4g (forward + backward of the first batch, %d samples); MFU "
+                      "against %s = %.4g TFLOP/s", self.meter.flops_per_sample, samples, self.peak_source,
+                      self.meter.peak_flops / 1e12)
+        return out
+
+    def _micro_step(self, batch: Any, progress: Progress, last: bool, group_size: int,
+                    model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch; returns its detached named losses and TOTAL (weighted sum)."""
         sync = contextlib.nullcontext()
         if self.ddp is not None and not last:
             sync = self.ddp.no_sync()  # gradients are all-reduced once, on the last micro-batch of the step
         with sync:
             with self._autocast():
-                losses = self.task.train_step(self.train_model, batch, progress)
+                losses = self.task.train_step(model or self.train_model, batch, progress)
             if not isinstance(losses, dict) or not losses or TOTAL in losses:
                 raise ValueError(f"{type(self.task).__name__}.train_step must return a non-empty dict of named "
                                  f"scalar losses (not named {TOTAL!r}), got {type(losses).__name__} "
@@ -603,7 +691,7 @@ class Trainer:
                 "check the data."
             )
 
-    def _flush_log(self, sums: dict[str, torch.Tensor], counts: list[int], started: float) -> None:
+    def _flush_log(self, sums: dict[str, torch.Tensor], counts: list[int]) -> None:
         """Reduce accumulated losses (one sync per log interval) and write a record."""
         steps, micro = counts
         if steps == 0:
@@ -617,24 +705,42 @@ class Trainer:
             else:
                 record[f"train/{name}"] = value / micro
         record["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        record["train/step_time_s"] = (time.perf_counter() - started) / steps
+        speed = self.meter.fields()
+        self.meter.reset()
+        record.update(speed)
+        share = speed["train/data_wait_share"]
+        self._windows_logged += 1  # the first window holds the loader workers' start-up: no warning from it
+        if (share > float(self.tcfg.data_wait_warn_share) and self._input_bound_warned != self.epoch
+                and self._windows_logged > 1):
+            self._input_bound_warned = self.epoch
+            self.log.warning("input-bound: %.0f%% of the last %d steps was spent waiting for data (%.3g s a step): "
+                             "raise data.num_workers (now %s) or check the storage", 100 * share, steps,
+                             speed["train/data_wait_s"], getattr(self.loader, "num_workers", "?"))
         self.log.log_record(record, self.step)
+        quiet = {"epoch", "train/data_wait_s", "train/compute_s", "train/samples_per_s_per_device",
+                 "train/tflops_per_device"}  # in log.jsonl and TensorBoard, left out of the text line
         self.log.info("step %d/%d epoch %d: %s", self.step, self.total_steps, self.epoch,
-                      ", ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        self.log.update_bar(0, loss=record.get(f"train/{TOTAL}", float("nan")), lr=record["train/lr"])
+                      ", ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in record.items() if k not in quiet))
+        bar = {"loss": record.get(f"train/{TOTAL}", float("nan")), "lr": record["train/lr"],
+               "samples/s": record["train/samples_per_s"]}
+        if "train/mfu" in record:
+            bar["mfu"] = record["train/mfu"]
+        self.log.update_bar(0, **bar)
         sums.clear()
         counts[:] = [0, 0]
 
-    def _report_skipped_images(self, epoch: int) -> None:
-        """Log, once per epoch, how many unreadable images the datasets skipped on all ranks (each replaced by another
-        sample, so batches stayed full); logged as train/skipped_images too."""
+    def _report_skipped_images(self, epoch: int, mid_epoch: bool = False) -> None:
+        """Log how many unreadable images the datasets skipped on all ranks since the last report (each replaced by
+        another sample, so batches stayed full): at each epoch's end, and at a stop inside an epoch (max_steps, a
+        signal, early stopping; ``mid_epoch``). Logged as train/skipped_images too."""
         local = torch.tensor([float(self.skipped_images)], device=self.device)
         total = int(round(float(dist.all_reduce_mean(local)) * self.world))
         self.skipped_images = 0
+        where = f"epoch {epoch}" + (f" (stopped after batch {self.iter_in_epoch})" if mid_epoch else "")
         if total:
-            self.log.info("epoch %d: %d unreadable image(s) skipped and replaced by other samples (see the warnings "
-                          "naming them)", epoch, total)
-        self.log.log_record({"epoch": epoch + 1, "train/skipped_images": total}, self.step)
+            self.log.info("%s: %d unreadable image(s) skipped and replaced by other samples (see the warnings naming "
+                          "them)", where, total)
+        self.log.log_record({"epoch": epoch if mid_epoch else epoch + 1, "train/skipped_images": total}, self.step)
 
     def train(self) -> None:
         """The loop over epochs and optimizer steps; see the module docstring for the policies."""
@@ -643,7 +749,7 @@ class Trainer:
         chunk_ends = self._chunk_ends()
         sums: dict[str, torch.Tensor] = {}
         counts = [0, 0]  # optimizer steps, micro-batches in the log window
-        window_start = time.perf_counter()
+        self.meter.reset()
         if tcfg.eval_before_training and self.step == 0 and self.last_eval_step < 0:
             self.evaluate_and_track()
         self.model.train()
@@ -656,7 +762,10 @@ class Trainer:
                 step_losses: dict[str, torch.Tensor] = {}
                 for m in range(group):
                     try:
+                        wait_start = time.perf_counter()
                         batch = next(iterator)
+                        self.meter.record_data_wait(time.perf_counter() - wait_start,
+                                                    throughput.batch_size_of(batch, int(self.loader.batch_size)))
                     except StopIteration:
                         raise RuntimeError(f"the training loader stopped after {done + m} batches but its len() is "
                                            f"{self.iters_per_epoch}") from None
@@ -670,7 +779,7 @@ class Trainer:
                     if isinstance(batch, dict):  # datasets count the unreadable images they replaced (an int)
                         self.skipped_images += int(batch.get("num_skipped", 0))
                     progress = Progress(self.epoch, done + m, self.iters_per_epoch, self.step, self.total_steps)
-                    for name, value in self._micro_step(batch, progress, m == group - 1, group).items():
+                    for name, value in self._counted_micro_step(batch, progress, m == group - 1, group).items():
                         step_losses[name] = step_losses[name] + value if name in step_losses else value
                 if self.stop_reason is not None:
                     break
@@ -686,14 +795,14 @@ class Trainer:
                     sums["grad_norm"] = sums["grad_norm"] + grad_norm if "grad_norm" in sums else grad_norm
                     counts[0] += 1
                     counts[1] += group
+                    self.meter.steps += 1
                     self.log.update_bar(1)
                 elif status == "overflow":
                     self.log.info("step %d: fp16 gradient overflow, step skipped and loss scale lowered", self.step)
                 else:
                     self._handle_skip(step_losses)
                 if stepped and self.step % max(1, int(tcfg.log_every_steps)) == 0:
-                    self._flush_log(sums, counts, window_start)
-                    window_start = time.perf_counter()
+                    self._flush_log(sums, counts)
 
                 group_index = math.ceil(done / self.accum)
                 finished_epoch = self.epoch
@@ -719,7 +828,9 @@ class Trainer:
                 if self.stop_reason is not None:
                     break
             assert self.stop_reason is not None or self.iter_in_epoch == 0, "epoch left mid-way without a reason"
-        self._flush_log(sums, counts, window_start)
+        self._flush_log(sums, counts)
+        if self.iter_in_epoch:  # stopped inside an epoch: its skipped images so far
+            self._report_skipped_images(self.epoch, mid_epoch=True)
         self.log.close_bar()
         interrupted = self.stop_signal.requested is not None
         if not interrupted and self.step != self.last_eval_step and self.task.eval_splits():
@@ -730,10 +841,13 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train (or only evaluate with --evaluate) and return the last metrics."""
+        self.task.check_data()
         resume = self._resume_state()
         if resume is None and self.args.checkpoint:
-            self.task.load_pretrained(self.model, self.args.checkpoint)
+            self.task.load_pretrained(self.model, self.args.checkpoint, evaluate=bool(self.args.evaluate),
+                                      allow_partial=bool(getattr(self.args, "allow_partial_checkpoint", False)))
         if self.args.evaluate:
+            self.log.info("%s", self.banner(training=False))
             if self.tcfg.ema_decay > 0 and resume is not None and resume[1].get("ema") is not None:
                 self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.tcfg.ema_decay),
                                          use_buffers=True)
@@ -743,6 +857,7 @@ class Trainer:
             return self.evaluate()
         ckpt.remove_temp_files(self.output_dir)  # leftovers of a save killed mid-write (training owns output_dir)
         self._setup_training(resume)
+        self.log.info("%s", self.banner(training=True))
         self.stop_signal.install()
         peer_failed = False
         try:
@@ -753,7 +868,7 @@ class Trainer:
             peer_failed = True
             raise self._peer_failure(err) from err
         finally:
-            self.stop_signal.restore(ignore_term=peer_failed)
+            self.stop_signal.restore(ignore_term=peer_failed or self.stop_signal.requested is not None)
         return dict(self.last_metrics)
 
     def _peer_failure(self, err: BaseException) -> dist.PeerFailure:
@@ -770,6 +885,10 @@ class Trainer:
         return dist.PeerFailure(message)
 
     def close(self) -> None:
+        if hasattr(self, "loader"):
+            from dataset.loader import shutdown_workers  # here, not at the top: the engine runs without OpenCV too
+
+            shutdown_workers(self.loader)  # persistent workers would otherwise live on until interpreter exit
         self.log.close()
         dist.destroy()
 
@@ -803,12 +922,23 @@ def run(task_cls: type[Task], argv: Sequence[str] | None = None) -> dict[str, fl
     finally:
         trainer.close()
     if signalled:
+        report_clean_stop(trainer.step)  # lets engine.launch exit 0 although torchrun raises on the signal
         sys.exit(0)
     return metrics
 
 
 def main_for(task_cls: type[Task]) -> Any:
-    """`main = engine.main_for(XTask)` - a main(argv=None) for an entry script."""
-    return lambda argv=None: run(task_cls, argv)
+    """`main = engine.main_for(XTask)` - a main(argv=None) for an entry script.
+
+    main() reads the command line and ends a user mistake (engine.errors) with one message and exit status 2
+    (--debug: the traceback); main([...]) from Python lets every error propagate."""
+
+    def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+        if argv is not None:
+            return run(task_cls, argv)
+        with errors.exit_on_user_error():
+            return run(task_cls, None)
+
+    return main
 
 

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dataset.datasets import ImageTextDataset, find_broken_images
 from dataset.loader import create_loader
 from dataset.randaugment import ALBEF_MAGNITUDE, ALBEF_NUM_OPS
 from dataset.tokenizer import build_tokenizer
 from dataset.transforms import DEFAULT_MAX_PIXELS, build_transform, normalize
 from engine import Progress, Task, dist
-from models import MODEL_DEFAULTS, create_model, load_checkpoint
+from engine.checkpoint import CheckpointFit, check_fit
+from models import MODEL_DEFAULTS, create_model, load_checkpoint_detailed, optional_checkpoint_keys
 from models.albef import ramp_alpha
 
 log = logging.getLogger("alignfuse")
@@ -34,7 +36,14 @@ DATA_DEFAULTS: dict[str, Any] = {
     "max_words": 30,  # captions are cut to this many words before tokenising
     "max_tokens": 30,  # token limit of a text, [CLS] included
     "max_image_pixels": DEFAULT_MAX_PIXELS,  # larger images are refused (skipped) instead of exhausting memory
-    "max_bad_image_fraction": 0.01,  # above this fraction of unreadable images the run stops with an error
+    # Training: unreadable images are skipped (each replaced by another sample) and counted; the run stops with an
+    # error once the failures are evidence that more than this fraction of the images are unreadable (a wrong
+    # image_root, a damaged copy: see dataset.datasets.bad_image_rate_exceeds), not at the first unlucky stretch.
+    "max_bad_image_fraction": 0.01,
+    # Evaluation never scores a stand-in image: false = an unreadable evaluation image is an error naming it; true =
+    # such samples are left out of the metrics (found by decoding each evaluation image once per run) and their
+    # number is reported beside the metrics as <split>/skipped_images.
+    "eval_skip_broken_images": False,
     # Replaces the task's training transform ("" = ALBEF's: pretrain / train / grounding_train); e.g. "test" (resize
     # only) for synthetic scenes whose small objects a random crop would cut away from their captions.
     "train_transform": "",
@@ -60,17 +69,16 @@ class AlbefTask(Task):
     def __init__(self, config, device: torch.device) -> None:
         super().__init__(config, device)
         self.tokenizer = build_tokenizer(config.model.tokenizer)
+        self.skipped_eval_images: dict[str, int] = {}  # split -> samples left out of its last evaluation
+        self._broken_eval_entries: dict[tuple, dict[int, str]] = {}  # (split, files) -> entry -> why, once per run
 
     # ---- model -----------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         return create_model(self.model_task, self.config.model, tokenizer=self.tokenizer)
 
-    def load_pretrained(self, model: nn.Module, path: str | Path) -> None:
-        """--checkpoint: official ALBEF or AlignFuse weights through the model's documented key surgery."""
-        missing, unexpected = load_checkpoint(model, path)
-        log.info("loaded %s (%d missing keys, %d unused keys)", path, len(missing), len(unexpected))
-        if hasattr(model, "copy_params_to_momentum") and any("_m." in key for key in missing):
-            model.copy_params_to_momentum()  # a checkpoint without momentum copies: start them from the weights
+    def load_pretrained(self, model: nn.Module, path: str | Path, evaluate: bool = False,
+                        allow_partial: bool = False) -> None:
+        load_task_checkpoint(model, path, evaluate, allow_partial)
 
     # ---- data ------------------------------------------------------------------------------------------------------
     def dataset_options(self) -> dict[str, Any]:
@@ -99,9 +107,64 @@ class AlbefTask(Task):
                               max_words=int(data.max_words), **options, **self.dataset_options())
         return self.loader(dataset, train=True)
 
+    def text_padding(self, train: bool) -> str:
+        """How a batch's texts are padded: to its longest text, or, for training under ``train.compile``, to
+        ``data.max_tokens``. A compiled graph is specialised to its input shapes; one text length for every step keeps
+        the graph of the first step (a new length per batch would recompile it, or trace the text length as a
+        symbol). The padded positions are masked wherever they are read, so the losses are those of 'longest'."""
+        return "max_length" if train and self.config.train.compile else "longest"
+
+    def build_eval_dataset(self, split: str, **options: Any) -> ImageTextDataset | None:
+        """The evaluation dataset of ``split``, built with ``options`` (dataset_options(), plus exclude_entries when
+        samples are left out); None for a split that reads no annotation images. Tasks with eval splits override it
+        and get it in evaluate() through eval_dataset()."""
+        return None
+
+    def eval_dataset(self, split: str) -> ImageTextDataset:
+        """build_eval_dataset(split) with its image folders checked. With data.eval_skip_broken_images, the entries
+        whose image does not decode are left out (found once per run, each rank decoding its share) and their count
+        is kept for the metrics (<split>/skipped_images); otherwise such an image stops the evaluation with an error
+        naming it (dataset.datasets.EvalImageError)."""
+        options = self.dataset_options()
+        dataset = self.build_eval_dataset(split, **options)
+        if dataset is None:
+            raise ValueError(f"{type(self).__name__} has no evaluation dataset for split {split!r}")
+        dataset.check_images_exist()
+        if not self.config.data.eval_skip_broken_images:
+            return dataset
+        key = (split, tuple(dataset.ann_files))
+        if key not in self._broken_eval_entries:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            broken: dict[int, str] = {}
+            for share in dist.all_gather_object(find_broken_images(dataset, range(rank, len(dataset), world))):
+                broken.update(share)
+            for index in sorted(broken):
+                log.warning("%s: entry %d left out of the evaluation (data.eval_skip_broken_images): %s", split, index,
+                            broken[index])
+            self._broken_eval_entries[key] = broken
+        broken = self._broken_eval_entries[key]
+        self.skipped_eval_images[split] = len(broken)
+        if not broken:
+            return dataset
+        if len(broken) == len(dataset):
+            raise ValueError(f"{split}: all {len(dataset)} evaluation samples of {dataset.ann_files} have an "
+                             f"unreadable image (e.g. {broken[min(broken)]}): check data.image_root")
+        return self.build_eval_dataset(split, **options, exclude_entries=sorted(broken))
+
+    def check_data(self) -> None:
+        """Before training or evaluation: the image folders of every evaluation split (the training data's are
+        checked when its loader is built), so that a wrong folder fails at start-up, not after an epoch."""
+        for split in self.eval_splits():
+            dataset = self.build_eval_dataset(split, **self.dataset_options())
+            if dataset is not None:
+                dataset.check_images_exist()
+
     def loader(self, dataset: Dataset, train: bool, collate_fn: Any = None) -> DataLoader:
         data = self.config.data
-        collate_fn = collate_fn or dataset.make_collator(self.tokenizer, int(data.max_tokens))
+        if train and isinstance(dataset, ImageTextDataset):
+            dataset.check_images_exist()  # before the workers start: one clear error for a wrong image_root
+        collate_fn = collate_fn or dataset.make_collator(self.tokenizer, int(data.max_tokens),
+                                                         padding=self.text_padding(train))
         batch_size = int(data.batch_size if train else data.eval_batch_size)
         return create_loader(dataset, batch_size, train=train, num_workers=int(data.num_workers),
                              collate_fn=collate_fn, seed=int(self.config.seed))
@@ -123,6 +186,23 @@ class AlbefTask(Task):
             return 0.0
         return ramp_alpha(float(model_cfg.alpha), bool(model_cfg.warm_up), progress.epoch, progress.iter_in_epoch,
                           progress.iters_per_epoch)
+
+
+def load_task_checkpoint(model: nn.Module, path: str | Path, evaluate: bool = False,
+                         allow_partial: bool = False) -> None:
+    """--checkpoint: official ALBEF or AlignFuse weights through the model's documented key surgery, then one line
+    saying what was loaded. Refused (ValueError) when they fill under half of the model's parameters or, with
+    ``evaluate``, not every weight, unless ``allow_partial`` (engine.checkpoint.check_fit). Queues, fixed buffers and
+    momentum copies may be absent (the copies then start from the loaded weights)."""
+    done = load_checkpoint_detailed(model, path)
+    optional = optional_checkpoint_keys(model)
+    sizes = {key: value.numel() for key, value in model.state_dict().items() if key not in optional}
+    fit = CheckpointFit(str(path), type(model).__name__, sizes, set(done.loaded), done.num_tensors,
+                        unused=done.unexpected, surgery=done.surgery,
+                        absent_ok=[key for key in done.missing if key in optional])
+    check_fit(fit, evaluate, allow_partial)
+    if hasattr(model, "copy_params_to_momentum") and any("_m." in key for key in done.missing):
+        model.copy_params_to_momentum()  # a checkpoint without momentum copies: start them from the weights
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -77,12 +77,14 @@ class ClassificationTask(AlbefTask):
         data = self.config.data
         return [split for split, path in (("val", data.val_file), ("test", data.test_file)) if path]
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+    def build_eval_dataset(self, split: str, **options: Any) -> ImageTextDataset:
         data = self.config.data
-        dataset = self.dataset_cls(data[f"{split}_file"], self.transform("test"), self.image_root(),
-                                   max_words=int(data.max_words), train=False, **self.dataset_options())
+        return self.dataset_cls(data[f"{split}_file"], self.transform("test"), self.image_root(),
+                                max_words=int(data.max_words), train=False, **options)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         inner = unwrap(model)
-        return evaluate_accuracy(self.loader(dataset, train=False), self.to_device,
+        return evaluate_accuracy(self.loader(self.eval_dataset(split), train=False), self.to_device,
                                  lambda batch: inner.logits(self.images(batch), batch["text_ids"], batch["text_mask"]))
 
 
@@ -113,10 +115,10 @@ class TextAssignmentEvalDataset(PretrainDataset):
                 partners.append(other)
         return label, partners
 
-    def _make_item(self, index, rng, broken):
-        own = super()._make_item(index, rng, broken)
+    def _make_item(self, index, rng):
+        own = super()._make_item(index, rng)
         label, partners = self._partners(index)
         pair = [own["image"] if label == position else
-                self._load_image(self.image_path(self.image_files[partners[position]]), rng, broken)
+                self._load_image(self.image_path(self.image_files[partners[position]]), rng)
                 for position in (0, 1)]
         return {"image0": pair[0], "image1": pair[1], "text": own["text"], "label": label, "index": index}

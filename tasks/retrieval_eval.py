@@ -284,12 +284,18 @@ def evaluate_retrieval(model: nn.Module, tokenizer: Any, loader: DataLoader, dev
     return {**metrics, **{f"itc_{key}": value for key, value in itc.items()}}
 
 
-def evaluate_retrieval_file(task: AlbefTask, model: nn.Module, ann_file: str, image_root: str | None,
-                            k_test: int) -> dict[str, float]:
-    """evaluate_retrieval on a retrieval evaluation file ``[{image, caption: [..]}]`` with the task's data settings
-    (test transform, max_words, max_tokens, eval batch size, workers)."""
+def retrieval_eval_dataset(task: AlbefTask, ann_file: str, image_root: str | None, **options: Any
+                           ) -> RetrievalEvalDataset:
+    """A retrieval evaluation file ``[{image, caption: [..]}]`` with the task's test transform and max_words
+    (``options``: AlbefTask.dataset_options() and exclude_entries; see AlbefTask.build_eval_dataset)."""
+    return RetrievalEvalDataset(ann_file, task.transform("test"), image_root, max_words=int(task.config.data.max_words),
+                                **options)
+
+
+def evaluate_retrieval_file(task: AlbefTask, model: nn.Module, split: str, k_test: int) -> dict[str, float]:
+    """evaluate_retrieval on the task's evaluation dataset of ``split`` (AlbefTask.eval_dataset: a retrieval file,
+    see retrieval_eval_dataset) with the task's data settings (max_tokens, eval batch size, workers)."""
     data = task.config.data
-    dataset = RetrievalEvalDataset(ann_file, task.transform("test"), image_root, max_words=int(data.max_words),
-                                   **task.dataset_options())
+    dataset = task.eval_dataset(split)
     return evaluate_retrieval(model, task.tokenizer, task.loader(dataset, train=False), task.device, k_test,
                               int(data.max_tokens))

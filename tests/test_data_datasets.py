@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,7 @@ from dataset.annotations import ANNOTATION_KINDS, load_answer_list, load_json_an
 from dataset.datasets import (
     CaptionEvalDataset,
     CaptionTrainDataset,
+    EvalImageError,
     GroundingDataset,
     ImageTextCollator,
     NLVRDataset,
@@ -24,6 +26,8 @@ from dataset.datasets import (
     VEDataset,
     VQACollator,
     VQADataset,
+    bad_image_rate_exceeds,
+    find_broken_images,
     image_id_from_filename,
 )
 from dataset.loader import create_loader
@@ -223,7 +227,7 @@ def _image_set(tmp_path: Path, num_images: int, broken: set[int]) -> tuple[Path,
 
 def test_broken_image_is_skipped_counted_and_batch_stays_full(tmp_path, caplog):
     ann, root = _image_set(tmp_path, 10, broken={3})
-    dataset = RetrievalTrainDataset(ann, build_transform("train", RES), root, min_image_attempts=1000)
+    dataset = RetrievalTrainDataset(ann, build_transform("train", RES), root)
     with caplog.at_level(logging.WARNING, logger="dataset.datasets"):
         item = dataset[(3, 0)]
     assert item["num_skipped"] == 1 and item["image_idx"] != 3
@@ -237,25 +241,114 @@ def test_broken_image_is_skipped_counted_and_batch_stays_full(tmp_path, caplog):
     assert dataset.broken_images == 3
 
 
-def test_eval_dataset_keeps_ids_with_placeholder(tmp_path):
-    ann, root = _image_set(tmp_path, 4, broken={1})
+def _eval_set(tmp_path: Path, num_images: int, broken: set[int]) -> tuple[Path, Path]:
+    ann, root = _image_set(tmp_path, num_images, broken)
     entries = json.loads(ann.read_text())
-    eval_entries = [{"image": e["image"], "caption": [e["caption"]]} for e in entries]
-    eval_file = _write_json(tmp_path / "eval.json", eval_entries)
+    eval_entries = [{"image": e["image"], "caption": [e["caption"], f"caption {i}"]} for i, e in enumerate(entries)]
+    return _write_json(tmp_path / "eval.json", eval_entries), root
+
+
+def test_eval_dataset_never_scores_a_placeholder(tmp_path):
+    eval_file, root = _eval_set(tmp_path, 4, broken={1})
     dataset = RetrievalEvalDataset(eval_file, build_transform("test", RES), root)
-    item = dataset[1]
-    assert item["index"] == 1 and item["num_skipped"] == 1
-    assert (item["image"] == 128).all()  # grey placeholder, ids preserved
     assert dataset[2]["num_skipped"] == 0
+    with pytest.raises(EvalImageError, match=r"img_001\.jpg.*entry 1 of .*eval\.json.*eval_skip_broken_images"):
+        dataset[1]
+
+
+def test_eval_image_error_keeps_one_line_through_loader_workers(tmp_path):
+    eval_file, root = _eval_set(tmp_path, 4, broken={1})
+    dataset = RetrievalEvalDataset(eval_file, build_transform("test", RES), root)
+    vocab = write_vocab(build_vocab(["picture number caption"]), tmp_path / "vocab.txt")
+    loader = create_loader(dataset, 2, train=False, num_workers=1, collate_fn=dataset.make_collator(
+        build_tokenizer(vocab)), seed=0)
+    with pytest.raises(EvalImageError) as caught:
+        list(loader)
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("RetrievalEvalDataset: cannot use image") and "img_001.jpg" in message
+
+
+def test_broken_eval_entries_found_and_left_out(tmp_path):
+    eval_file, root = _eval_set(tmp_path, 6, broken={1, 4})
+    dataset = RetrievalEvalDataset(eval_file, build_transform("test", RES), root)
+    broken = find_broken_images(dataset)
+    assert sorted(broken) == [1, 4] and "img_004.jpg" in broken[4]
+    assert find_broken_images(dataset, [0, 4, 5], threads=1) == {4: broken[4]}
+    kept = RetrievalEvalDataset(eval_file, build_transform("test", RES), root, exclude_entries=sorted(broken))
+    assert len(kept) == 4 and kept.num_excluded == 2
+    assert [entry["image"] for entry in kept.entries] == ["img_000.jpg", "img_002.jpg", "img_003.jpg", "img_005.jpg"]
+    # The derived text index follows the kept entries: 2 captions per image.
+    assert kept.img2txt == [[0, 1], [2, 3], [4, 5], [6, 7]] and kept.txt2img == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(kept[i]["num_skipped"] == 0 for i in range(len(kept)))
+
+
+def test_image_folder_checked_before_loading(tmp_path):
+    ann, root = _image_set(tmp_path, 8, broken=set())
+    transform = build_transform("train", RES)
+    with pytest.raises(FileNotFoundError, match=r"image folder .*wrong_root does not exist .*ann\.json.*image_root"):
+        RetrievalTrainDataset(ann, transform, tmp_path / "wrong_root").check_images_exist()
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"none of the first 5 images of .*ann\.json exists under .*other, "
+                                                r"e\.g\. .*other/img_000\.jpg"):
+        RetrievalTrainDataset(ann, transform, elsewhere).check_images_exist()
+    # A few missing files among the first ones are left to the skip-and-count handling.
+    for index in (0, 1, 2, 3):
+        (root / f"img_{index:03d}.jpg").unlink()
+    RetrievalTrainDataset(ann, transform, root).check_images_exist()
+    # Every annotation file is checked: a second file whose images are elsewhere fails, naming that file.
+    other_ann = _write_json(tmp_path / "second.json", [{"image": "nowhere/x.jpg", "caption": "a", "image_id": 99}])
+    with pytest.raises(FileNotFoundError, match=r"second\.json exists under .*images, e\.g\. .*nowhere/x\.jpg"):
+        RetrievalTrainDataset([ann, other_ann], transform, root).check_images_exist()
+    # NLVR2 entries name two images, VQA 'vg' entries live under vg_root.
+    nlvr = _write_json(tmp_path / "nlvr.json", [{"images": ["img_005.jpg", "img_006.jpg"], "sentence": "s",
+                                                  "label": "True"}])
+    NLVRDataset(nlvr, transform, root).check_images_exist()
+    vqa = _write_json(tmp_path / "vqa.json", [{"question_id": 1, "question": "q?", "answer": ["a"],
+                                               "image": "img_005.jpg", "dataset": "vg"}])
+    VQADataset(vqa, transform, tmp_path / "unused", vg_root=root).check_images_exist()
+    with pytest.raises(FileNotFoundError, match=r"image folder .*no_vg does not exist"):
+        VQADataset(vqa, transform, root, vg_root=tmp_path / "no_vg").check_images_exist()
+
+
+def _binomial_tail(failures: int, attempts: int, rate: float) -> float:
+    """P(X >= failures) for X ~ Binomial(attempts, rate), exactly."""
+    return sum(math.comb(attempts, k) * rate**k * (1 - rate) ** (attempts - k) for k in range(failures, attempts + 1))
+
+
+def test_bad_image_rule_judges_the_evidence_not_the_running_fraction():
+    # The reported case: 2 failures in 173 loads (1.2%) with the threshold at 1%: no evidence yet.
+    assert not bad_image_rate_exceeds(2, 173, 0.01)
+    # Loads that all fail (a wrong image_root) stop within 4 loads; a threshold of 0 stops at once, 1 never.
+    assert next(n for n in range(1, 20) if bad_image_rate_exceeds(n, n, 0.01)) <= 4
+    assert bad_image_rate_exceeds(1, 1, 0.0) and not bad_image_rate_exceeds(1000, 1000, 1.0)
+    # A true rate of 5% (above the 1% threshold) is caught.
+    assert bad_image_rate_exceeds(25, 500, 0.01)
+    # Sound: whenever the rule fires, the exact probability of that many failures at the threshold rate is below
+    # the false-alarm level (the Chernoff bound is conservative).
+    fired = 0
+    for attempts in (5, 20, 60, 200):
+        for failures in range(1, attempts + 1):
+            if bad_image_rate_exceeds(failures, attempts, 0.01):
+                fired += 1
+                assert _binomial_tail(failures, attempts, 0.01) < 1e-6, (failures, attempts)
+    assert fired > 100
+    # Data whose true rate is below the threshold (6 broken of 1,050 = 0.57%) runs whole epochs without a stop: the
+    # rule is checked after every failure, as the dataset does.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        failed = np.flatnonzero(rng.random(1050) < 6 / 1050) + 1  # 1-based load counts of the failures
+        assert not any(bad_image_rate_exceeds(k, int(n), 0.01) for k, n in enumerate(failed, 1))
 
 
 def test_too_many_broken_images_stop_with_a_clear_error(tmp_path):
-    ann, root = _image_set(tmp_path, 10, broken={1, 2, 5, 7})
-    dataset = RetrievalTrainDataset(ann, build_transform("train", RES), root, max_bad_image_fraction=0.1,
-                                    min_image_attempts=5)
-    with pytest.raises(RuntimeError, match=r"image loads failed \(.*> max_bad_image_fraction=10\.0%\).*image_root"):
-        for index in range(10):
+    ann, root = _image_set(tmp_path, 40, broken=set(range(0, 40, 2)))  # half of the files
+    dataset = RetrievalTrainDataset(ann, build_transform("train", RES), root, max_bad_image_fraction=0.05)
+    with pytest.raises(RuntimeError, match=r"image loads failed .*more than max_bad_image_fraction=5\.0%.*image_root"):
+        for index in range(40):
             dataset[(index, 0)]
+    assert dataset.image_attempts < 40  # judged after a few dozen loads, long before the epoch ends
 
 
 def test_all_images_missing_stops(tmp_path):
