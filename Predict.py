@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from engine import errors
 from models.gradcam import GRADCAM_MODES
 from tasks.gradcam_view import explain_image, load_predictor
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="itm: BERT layer of the cross-attention (default: the third fusion layer)")
     parser.add_argument("--save_npy", action="store_true", help="also write the maps as <out>.npy (+ <out>.json)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument(errors.DEBUG_FLAG, action="store_true",
+                        help=f"show the traceback of a user error (wrong file, device...); or {errors.DEBUG_ENV}=1")
     return parser
 
 
@@ -84,5 +87,6 @@ def _slug(text: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with errors.exit_on_user_error():  # a wrong file or device: one message, exit 2 (--debug: the traceback)
+        main()
     sys.exit(0)

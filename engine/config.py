@@ -132,9 +132,42 @@ def _safe_load(stream: Any, source: str) -> Any:
         raise ValueError(f"{source}: not valid YAML: {err}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs (suggested for a wrong name)
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current folder when it lies below it (as a user would type it), else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def nearest_config_files(path: str | Path, n: int = 3) -> list[str]:
+    """Up to `n` existing YAML files whose names are closest to `path` (a config file that does not exist): those of
+    the repository's configs/ (demo/ included) and those beside `path`, compared by name and by path."""
+    path = Path(path)
+    candidates = set(CONFIG_DIR.rglob("*.yaml")) if CONFIG_DIR.is_dir() else set()
+    if path.parent.is_dir():
+        candidates |= {p for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()}
+    wanted_path, wanted_name = _shown(path.with_suffix("")).lower(), path.stem.lower()
+
+    def score(candidate: Path) -> float:  # without the suffix, which every candidate shares
+        return max(difflib.SequenceMatcher(None, wanted_path, _shown(candidate.with_suffix("")).lower()).ratio(),
+                   difflib.SequenceMatcher(None, wanted_name, candidate.stem.lower()).ratio())
+
+    folder = path.parent.resolve()
+    ranked = sorted((-score(c), c.parent.resolve() != folder, _shown(c)) for c in candidates)  # ties: same folder
+    best = -ranked[0][0] if ranked else 0.0
+    return [shown for value, _, shown in ranked[:n] if -value >= max(0.5, best - 0.15)]  # the clear runners-up only
+
+
+def _read_yaml(path: Path, shown: str | None = None) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        near = nearest_config_files(path)
+        hint = f"; nearest config files: {', '.join(near)}" if near else f"; the configs are in {_shown(CONFIG_DIR)}/"
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"config file {shown or path} {what}{hint}")
     with open(path, encoding="utf-8") as f:
         data = _safe_load(f, f"config file {path}")
     if data is None:
@@ -150,7 +183,8 @@ def _load_layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[dict[st
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ValueError(f"config base include cycle: {chain}")
-    data = _read_yaml(path)
+    shown = f"{path} (the base: of {stack[-1]})" if stack else str(path)
+    data = _read_yaml(path, shown)
     bases = data.pop("base", None)
     if bases is None:
         bases = []

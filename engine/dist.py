@@ -39,12 +39,27 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
+def check_cuda(what: str, index: int | None = None) -> None:
+    """A ValueError saying why ``what`` (e.g. '--device cuda') cannot run here: no CUDA build of torch, no visible
+    GPU, or no GPU number ``index``; instead of torch's driver error at the first tensor moved."""
+    if torch.version.cuda is None:
+        reason = f"this torch ({torch.__version__}) is built without CUDA"
+    elif not torch.cuda.is_available():
+        reason = (f"no CUDA GPU is visible on this machine (torch {torch.__version__}: no NVIDIA driver or device, or "
+                  f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')} hides them)")
+    elif index is not None and index >= torch.cuda.device_count():
+        reason = f"this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    else:
+        return
+    raise ValueError(f"{what}: {reason}; use --device cpu")
+
+
 def resolve_device(device_pref: str, local_rank: int = 0) -> torch.device:
     """'auto' | 'cpu' | 'cuda' -> a torch.device (cuda:<local_rank> on a GPU)."""
     if device_pref not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device_pref!r}")
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+    if device_pref == "cuda":
+        check_cuda("device cuda (--device or the config key device)")
     if device_pref == "cpu" or (device_pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from dataset.text import pre_caption
 from dataset.tokenizer import build_tokenizer, tokenize
 from dataset.transforms import build_transform, load_image, normalize
+from engine import dist
+from engine.checkpoint import load_checkpoint_file
 from engine.config import _load_layers, deep_update
 from models import create_model, load_checkpoint, read_state_dict
 from models.gradcam import GRADCAM_MODES, compute_gradcam
@@ -117,11 +119,10 @@ def load_predictor(checkpoint_path: str | Path, config_path: str | Path | None =
     """The grounding (ITC + ITM) model with weights from ``checkpoint_path``: an AlignFuse checkpoint of any ALBEF
     task that has the ITM head (pretraining, retrieval, grounding) or ALBEF's ALBEF.pth / refcoco.pth / mscoco.pth."""
     checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
-    raw = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{checkpoint_path}: expected a dict checkpoint, got {type(raw).__name__}")
+    device = torch.device(device)
+    if device.type == "cuda":  # before the minutes of loading, and instead of torch's driver error
+        dist.check_cuda(f"--device {device}", device.index)
+    raw = load_checkpoint_file(checkpoint_path)  # weights_only, with our message for a refused file
     config = model_config(raw, config_path)
     model_cfg = dict(config["model"])
     tokenizer_obj = build_tokenizer(tokenizer or model_cfg.get("tokenizer", "bert-base-uncased"))
@@ -133,7 +134,6 @@ def load_predictor(checkpoint_path: str | Path, config_path: str | Path | None =
     if needed:
         raise ValueError(f"{checkpoint_path}: weights missing for {len(needed)} parameters the Grad-CAM needs "
                          f"(e.g. {needed[:5]}); is it an ALBEF-family checkpoint with an ITM head?")
-    device = torch.device(device)
     data = config.get("data", {})
     return Predictor(model=model.to(device).eval(), tokenizer=tokenizer_obj, image_res=int(model.cfg["image_res"]),
                      max_words=int(data.get("max_words", 30)), max_tokens=int(data.get("max_tokens", 30)),
