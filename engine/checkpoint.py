@@ -19,6 +19,8 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,30 +140,143 @@ def remove_temp_files(output_dir: str | Path) -> list[Path]:
     return stale
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_OPERAND = re.compile(r"Unsupported operand (\d+)")
+RESAVE_HINT = ("if it comes from a source you trust, re-save only its weights "
+               "(torch.save({'model': model.state_dict()}, 'weights.pth')); otherwise do not use it")
+
+
+def _refusal(path: Path, err: BaseException) -> ValueError:
+    """Our message for a file that torch.load(weights_only=True) did not load: why, and what to do (not torch's
+    advice to load it with weights_only=False, which would run whatever the file holds)."""
+    text = str(err)
+    named = _GLOBAL.search(text)
+    operand = _OPERAND.search(text)
+    if named is not None:
+        return ValueError(
+            f"checkpoint {path} was refused: it holds the Python object {named.group(1)}, and unpickling objects "
+            "could run code, so nothing in it was loaded (AlignFuse loads only tensors, numbers, strings, lists and "
+            f"dicts: torch.load(weights_only=True)); {RESAVE_HINT}")
+    if operand is not None or isinstance(err, pickle.UnpicklingError):
+        detail = f"unsupported pickle operand {operand.group(1)}" if operand else _first_line(err)
+        return ValueError(
+            f"checkpoint {path} was refused: it is corrupt or not a torch checkpoint (a raw pickle or another "
+            f"format: {detail}), and nothing in it was run; expected a file written by torch.save")
+    if path.stat().st_size == 0:
+        return ValueError(f"checkpoint {path} is corrupt: the file is empty (0 bytes); was its copy or save cut off?")
+    return ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(err).__name__}: "
+                      f"{_first_line(err)}); expected a file written by torch.save")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """torch.load(path, map_location='cpu', weights_only=True), with clear errors.
 
-    A file that needs arbitrary unpickling (custom classes, functions) is refused with a ValueError and never executed.
+    A file that needs arbitrary unpickling (custom classes, functions) is refused with a ValueError naming the object
+    and never executed; a damaged or foreign file is a ValueError too.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {path} {what}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights only" in str(err).lower() or "weights_only" in str(err).lower() or "unsupported" in first.lower():
-            raise ValueError(
-                f"checkpoint {path} was refused: it needs arbitrary pickling (objects other than tensors, numbers, "
-                f"strings, lists and dicts), which could execute code, so it was not loaded ({first}). Re-save it "
-                "as plain state_dicts from a trusted environment."
-            ) from None
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {first}") from None
-    except Exception as err:  # a damaged file fails anywhere inside the unpickler (EOFError, IndexError, ...)
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {err}") from None
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it is about to refuse
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file fails anywhere inside the unpickler (EOFError, KeyError, ...)
+        raise _refusal(path, err) from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path}: expected a dict at the top level, got {type(state).__name__}")
     return state
+
+
+MIN_FILLED_SHARE = 0.5  # a --checkpoint must fill at least this share of the model's parameters (elements)
+
+
+@dataclass
+class CheckpointFit:
+    """How a --checkpoint filled a model, after the model's key surgery: what `check_fit` judges and logs."""
+
+    path: str
+    model_name: str
+    sizes: dict[str, int]  # every weight the checkpoint should fill (state_dict key -> elements)
+    loaded: set[str]  # the keys it did fill (model keys outside `sizes` are allowed to be absent)
+    num_tensors: int  # tensors in the file's state_dict
+    unused: list[str] = field(default_factory=list)  # its keys the model has no place for
+    surgery: list[str] = field(default_factory=list)  # the key surgery applied, in words
+    absent_ok: list[str] = field(default_factory=list)  # keys allowed to be absent that were (queues, momentum)
+
+    @property
+    def missing(self) -> list[str]:
+        return [key for key in self.sizes if key not in self.loaded]
+
+    @property
+    def filled_share(self) -> float:
+        total = sum(self.sizes.values())
+        return sum(n for key, n in self.sizes.items() if key in self.loaded) / total if total else 1.0
+
+    def summary(self) -> str:
+        """One line: the file, how many tensors went where, which surgery, and what the model keeps of its own."""
+        filled = len(self.sizes) - len(self.missing)
+        surgery = "; ".join(self.surgery) if self.surgery else "none (the model's own key names)"
+        parts = [f"loaded {self.path} into {self.model_name}: {filled} of {len(self.sizes)} weight tensors "
+                 f"({self.filled_share:.1%} of the parameters) from its {self.num_tensors} tensors",
+                 f"key surgery: {surgery}"]
+        if self.missing:
+            parts.append(f"not in it, initialised: {_by_module(self.missing)}")
+        if self.absent_ok:
+            parts.append(f"{len(self.absent_ok)} absent as allowed (e.g. {_by_module(self.absent_ok, limit=2)})")
+        if self.unused:
+            parts.append(f"unused: {_by_module(self.unused)}")
+        return "; ".join(parts)
+
+
+def _by_module(keys: list[str], limit: int = 4) -> str:
+    """'text_decoder.bert.* (130), cls_head.* (4)': keys counted by module (two names deep), largest first."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        if len(parts) == 1:
+            name = key
+        elif len(parts) > 2 and not parts[1].isdigit():
+            name = f"{parts[0]}.{parts[1]}.*"
+        else:
+            name = f"{parts[0]}.*"
+        counts[name] = counts.get(name, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"{name} ({count})" for name, count in ranked[:limit])
+    return shown + (f" and {len(ranked) - limit} more modules" if len(ranked) > limit else "")
+
+
+def check_fit(fit: CheckpointFit, evaluate: bool, allow_partial: bool) -> None:
+    """Refuse (ValueError) a --checkpoint that fills under MIN_FILLED_SHARE of the model's parameters or, under
+    --evaluate, leaves any weight unfilled (the evaluation would score random weights); `allow_partial`
+    (--allow_partial_checkpoint) accepts both with a warning. Logs `fit.summary()` once on rank 0."""
+    missing = fit.missing
+    advice = ("is it a checkpoint of this task's model, built with the same model config? Add "
+              "--allow_partial_checkpoint to start from it anyway")
+    if fit.filled_share < MIN_FILLED_SHARE and not allow_partial:
+        raise ValueError(
+            f"checkpoint {fit.path} does not fit {fit.model_name}: after the key surgery "
+            f"({'; '.join(fit.surgery) or 'none'}) it fills only {len(fit.sizes) - len(missing)} of its "
+            f"{len(fit.sizes)} weight tensors ({fit.filled_share:.1%} of the parameters, at least "
+            f"{MIN_FILLED_SHARE:.0%} needed); unfilled: {_by_module(missing)}; {len(fit.unused)} of the file's "
+            f"{fit.num_tensors} tensors have no place in the model (e.g. {fit.unused[:3]}); {advice}")
+    if evaluate and missing and not allow_partial:
+        raise ValueError(
+            f"--evaluate with checkpoint {fit.path}: {len(missing)} weight tensors of {fit.model_name} that the "
+            f"evaluation uses are not in it ({_by_module(missing)}; e.g. {missing[:3]}), so it would score randomly "
+            "initialised weights; give a checkpoint trained for this task (or add --allow_partial_checkpoint to "
+            "evaluate anyway)")
+    if dist.is_main():
+        log.info("%s", fit.summary())
+        if missing and (evaluate or fit.filled_share < MIN_FILLED_SHARE):
+            log.warning("--allow_partial_checkpoint: %d weight tensors (%.1f%% of the parameters) keep their "
+                        "initialisation: %s", len(missing), 100 * (1 - fit.filled_share), _by_module(missing))
 
 
 def list_rolling(output_dir: str | Path) -> list[tuple[int, Path]]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from engine.checkpoint import load_checkpoint_file  # a leaf like engine.dist: torch.load with weights_only + messages
 from models.albef import MODEL_DEFAULTS, SpecialTokens
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ MODEL_REGISTRY: dict[str, str] = {
     "grounding": "models.model_retrieval:AlbefRetrieval",
 }
 
-__all__ = ["MODEL_DEFAULTS", "MODEL_REGISTRY", "SpecialTokens", "create_model", "load_checkpoint", "read_state_dict"]
+__all__ = ["MODEL_DEFAULTS", "MODEL_REGISTRY", "CheckpointLoad", "SpecialTokens", "create_model", "load_checkpoint",
+           "load_checkpoint_detailed", "optional_checkpoint_keys", "read_state_dict"]
 
 
 def model_class(task: str) -> type[nn.Module]:
@@ -55,14 +57,7 @@ def read_state_dict(src: str | Path | dict[str, Tensor]) -> dict[str, Tensor]:
     """A state_dict from a path (loaded with weights_only=True: a file that needs arbitrary unpickling is refused) or
     a dict; ALBEF / AlignFuse checkpoints keep the weights under 'model'."""
     if isinstance(src, str | Path):
-        path = Path(src)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            src = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises UnpicklingError / RuntimeError for unsafe or corrupt files
-            raise ValueError(f"refused to load checkpoint {path}: it is corrupt or needs arbitrary unpickling "
-                             f"(only tensors and plain containers are accepted): {err}") from err
+        src = load_checkpoint_file(src)
     if not isinstance(src, dict):
         raise ValueError(f"checkpoint holds a {type(src).__name__}, expected a dict / state_dict")
     state = src.get("model", src) if isinstance(src.get("model", None), dict) else src
@@ -72,32 +67,77 @@ def read_state_dict(src: str | Path | dict[str, Tensor]) -> dict[str, Tensor]:
 QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
 
 
-def _drop_mismatched_queues(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+def _drop_mismatched_queues(state: dict[str, Tensor], model: nn.Module,
+                            notes: list[str] | None = None) -> dict[str, Tensor]:
     """The ITC queues are negatives collected during training, not weights: a checkpoint whose queues have another
     length (another model.queue_size) leaves the model's fresh queues in place instead of failing."""
     own = model.state_dict()
     if all(key not in state or key not in own or state[key].shape == own[key].shape for key in QUEUE_KEYS):
         return state
-    log.info("checkpoint queues have another size than model.queue_size: starting with fresh queues")
+    if notes is not None:
+        notes.append("queues of another model.queue_size left out (fresh queues)")
     return {key: value for key, value in state.items() if key not in QUEUE_KEYS}
+
+
+def optional_checkpoint_keys(model: nn.Module) -> set[str]:
+    """The model's state_dict keys that a checkpoint may lack without harm: buffers that are not weights (the ITC
+    queues, negatives collected in training; BERT's position_ids) and the momentum copies (``<module>_m.*``), which
+    start from the online weights when absent."""
+    momentum = tuple(f"{name_m}." for _, name_m in getattr(model, "momentum_pairs", ()))
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return {key for key in model.state_dict() if key not in params or (momentum and key.startswith(momentum))}
+
+
+@dataclass
+class CheckpointLoad:
+    """What ``load_checkpoint_detailed`` put into a model, after the key surgery."""
+
+    num_tensors: int  # tensors in the checkpoint's state_dict, before the surgery
+    loaded: list[str]  # the model's state_dict keys filled from the checkpoint
+    missing: list[str]  # the model's keys it did not fill
+    unexpected: list[str]  # checkpoint keys (after the surgery) the model has no place for
+    surgery: list[str]  # what checkpoint_filter_fn did, in words ([] = the model's own key names, as they are)
+
+
+def load_checkpoint_detailed(model: nn.Module, src: str | Path | dict[str, Tensor]) -> CheckpointLoad:
+    """Load weights through ``model.checkpoint_filter_fn`` (documented key surgery, pos_embed resampling), non-strict,
+    and say what was filled. A tensor whose shape differs from the model's (another model config: vocabulary, width,
+    depth) is a ValueError naming them, not a torch error."""
+    source = f"checkpoint {src}" if isinstance(src, str | Path) else "the state_dict"
+    state = read_state_dict(src)
+    num_tensors = len(state)
+    notes: list[str] = []
+    filter_fn = getattr(model, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model, notes)
+    state = _drop_mismatched_queues(state, model, notes)
+    own = model.state_dict()
+    mismatched = [key for key, value in state.items()
+                  if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape)]
+    if mismatched:
+        shown = ", ".join(f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in mismatched[:3])
+        raise ValueError(f"{source} does not fit {type(model).__name__}: {len(mismatched)} tensors have another "
+                         f"shape than the model's (checkpoint vs model: {shown}); build the model with the config "
+                         "the checkpoint was trained with (model.* keys, model.tokenizer's vocabulary, image_res)")
+    result = model.load_state_dict(state, strict=False)
+    loaded = [key for key in state if key in own]
+    return CheckpointLoad(num_tensors, loaded, list(result.missing_keys), list(result.unexpected_keys), notes)
 
 
 def load_checkpoint(model: nn.Module, src: str | Path | dict[str, Tensor], strict: bool = False
                     ) -> tuple[list[str], list[str]]:
     """Load weights through ``model.checkpoint_filter_fn`` (documented key surgery, pos_embed resampling).
-    Returns (missing, unexpected) keys; with ``strict`` any mismatch is an error."""
-    state = read_state_dict(src)
-    filter_fn = getattr(model, "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, model)
-    state = _drop_mismatched_queues(state, model)
-    result = model.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    Returns (missing, unexpected) keys; with ``strict`` any mismatch is an error. Missing keys other than
+    ``optional_checkpoint_keys`` are logged as a warning."""
+    done = load_checkpoint_detailed(model, src)
+    missing, unexpected = done.missing, done.unexpected
     if strict and (missing or unexpected):
         raise ValueError(f"checkpoint does not match {type(model).__name__}: missing {missing[:10]} "
                          f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)})")
-    if missing:
-        log.warning("missing keys (%d): %s", len(missing), missing[:20])
+    optional = optional_checkpoint_keys(model)
+    needed = [key for key in missing if key not in optional]
+    if needed:
+        log.warning("missing keys (%d): %s", len(needed), needed[:20])
     if unexpected:
         log.info("unused checkpoint keys (%d): %s", len(unexpected), unexpected[:20])
     return missing, unexpected

@@ -469,29 +469,34 @@ def ramp_alpha(alpha: float, warm_up: bool, epoch: int, iter_in_epoch: int, iter
 
 
 # ---- key surgery shared by the checkpoint_filter_fn of several task models ----
-def resample_image_pos_embeds(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+def resample_image_pos_embeds(state_dict: dict[str, Tensor], model: nn.Module,
+                              notes: list[str] | None = None) -> dict[str, Tensor]:
     """Resample the position embedding of ``visual_encoder`` (and ``visual_encoder_m``) to the model's image_res."""
     from models.vit import resample_pos_embed
 
     for name in ("visual_encoder", "visual_encoder_m"):
         if hasattr(model, name):
-            state_dict = resample_pos_embed(state_dict, getattr(model, name), f"{name}.")
+            state_dict = resample_pos_embed(state_dict, getattr(model, name), f"{name}.", notes)
     return state_dict
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_m")
 
 
-def strip_bert_prefix(state_dict: dict[str, Tensor], encoder_names: tuple[str, ...] = TEXT_ENCODERS
-                      ) -> dict[str, Tensor]:
+def strip_bert_prefix(state_dict: dict[str, Tensor], encoder_names: tuple[str, ...] = TEXT_ENCODERS,
+                      notes: list[str] | None = None) -> dict[str, Tensor]:
     """Pretraining checkpoints hold the text encoder as ``text_encoder.bert.*`` (+ MLM head ``text_encoder.cls.*``);
     task models without the MLM head hold it as ``text_encoder.*``. Renames the former to the latter; the MLM head
-    keys are left and reported as unused."""
+    keys are left and reported as unused. ``notes`` receives a line saying so when it renamed any key."""
     out: dict[str, Tensor] = {}
+    renamed = 0
     for key, value in state_dict.items():
         head, _, rest = key.partition(".")
         if head in encoder_names and rest.startswith("bert."):
             out[f"{head}.{rest[len('bert.'):]}"] = value
+            renamed += 1
         else:
             out[key] = value
+    if renamed and notes is not None:
+        notes.append(f"text_encoder.bert.* -> text_encoder.* ({renamed} keys)")
     return out

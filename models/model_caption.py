@@ -99,9 +99,10 @@ class AlbefCaption(AlbefBase):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
     @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefCaption) -> dict[str, Tensor]:
+    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefCaption,
+                             notes: list[str] | None = None) -> dict[str, Tensor]:
         if any(key.startswith("text_decoder.") for key in state_dict):  # already a captioning checkpoint
-            return resample_image_pos_embeds(dict(state_dict), model)
+            return resample_image_pos_embeds(dict(state_dict), model, notes)
         fusion = model.bert_config.fusion_layer
         num_layers = model.bert_config.num_hidden_layers
         out: dict[str, Tensor] = {}
@@ -125,4 +126,7 @@ class AlbefCaption(AlbefBase):
                 source = cross.get(fusion + index % (num_layers - fusion), {})
                 for name, value in source.items():
                     out[f"text_decoder.bert.encoder.layer.{index}.{name}"] = value
-        return resample_image_pos_embeds(out, model)
+        if notes is not None and any(key.startswith("text_decoder.") for key in out):
+            notes.append("decoder text_decoder.* from the text encoder, layer l from layer l"
+                         + (f", cross-attention of layers 0-{fusion - 1} from the fusion layers" if cross else ""))
+        return resample_image_pos_embeds(out, model, notes)

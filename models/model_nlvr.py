@@ -60,8 +60,9 @@ class AlbefNLVRBase(AlbefClassifier):
         return fused[:, 0, :]
 
     @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefNLVRBase) -> dict[str, Tensor]:
-        state_dict = strip_bert_prefix(state_dict)
+    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefNLVRBase,
+                             notes: list[str] | None = None) -> dict[str, Tensor]:
+        state_dict = strip_bert_prefix(state_dict, notes=notes)
         fusion = model.bert_config.fusion_layer
         has_pairs = any(k.startswith(f"text_encoder.encoder.layer.{model.bert_config.num_hidden_layers - 1}.")
                         for k in state_dict)
@@ -75,8 +76,11 @@ class AlbefNLVRBase(AlbefClassifier):
                         out[f"{name}.encoder.layer.{new_layer}.{rest}"] = value
                 else:
                     out[key] = value
+            if notes is not None and len(out) > len(state_dict):
+                notes.append(f"each fusion layer l >= {fusion} copied into the image-pair layers "
+                             f"{fusion} + 2(l - {fusion}) and the next")
             state_dict = out
-        return resample_image_pos_embeds(state_dict, model)
+        return resample_image_pos_embeds(state_dict, model, notes)
 
 
 class AlbefNLVR(AlbefNLVRBase):

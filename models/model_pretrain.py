@@ -58,8 +58,9 @@ class AlbefPretrain(AlbefBase):
         return {"loss_ita": out["loss_ita"], "loss_itm": out["loss_itm"], "loss_mlm": loss_mlm}
 
     @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefPretrain) -> dict[str, Tensor]:
+    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefPretrain,
+                             notes: list[str] | None = None) -> dict[str, Tensor]:
         """Official pretraining checkpoints need no key surgery; only ``pos_embed`` is resampled for another
         image_res (both encoders)."""
-        state_dict = resample_pos_embed(state_dict, model.visual_encoder, "visual_encoder.")
-        return resample_pos_embed(state_dict, model.visual_encoder_m, "visual_encoder_m.")
+        state_dict = resample_pos_embed(state_dict, model.visual_encoder, "visual_encoder.", notes)
+        return resample_pos_embed(state_dict, model.visual_encoder_m, "visual_encoder_m.", notes)

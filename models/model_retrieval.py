@@ -42,5 +42,6 @@ class AlbefRetrieval(AlbefBase):
         return self.itm_head(fused[:, 0, :])[:, 1]
 
     @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefRetrieval) -> dict[str, Tensor]:
-        return resample_image_pos_embeds(strip_bert_prefix(state_dict), model)
+    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefRetrieval,
+                             notes: list[str] | None = None) -> dict[str, Tensor]:
+        return resample_image_pos_embeds(strip_bert_prefix(state_dict, notes=notes), model, notes)

@@ -54,5 +54,6 @@ class AlbefVE(AlbefClassifier):
         return getattr(self, "cls_head" + suffix)(fused[:, 0, :])
 
     @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefVE) -> dict[str, Tensor]:
-        return resample_image_pos_embeds(strip_bert_prefix(state_dict), model)
+    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefVE,
+                             notes: list[str] | None = None) -> dict[str, Tensor]:
+        return resample_image_pos_embeds(strip_bert_prefix(state_dict, notes=notes), model, notes)

@@ -98,9 +98,10 @@ class AlbefVQA(AlbefBase):
         return torch.gather(topk_ids, 1, order), probs
 
     @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefVQA) -> dict[str, Tensor]:
+    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: AlbefVQA,
+                             notes: list[str] | None = None) -> dict[str, Tensor]:
         if any(key.startswith("text_decoder.") for key in state_dict):  # already a VQA checkpoint
-            return resample_image_pos_embeds(dict(state_dict), model)
+            return resample_image_pos_embeds(dict(state_dict), model, notes)
         fusion = model.bert_config.fusion_layer
         out: dict[str, Tensor] = {}
         for key, value in state_dict.items():
@@ -120,4 +121,7 @@ class AlbefVQA(AlbefBase):
                 out[f"{decoder}.bert.{rest}"] = value
             elif int(layer.group(1)) >= fusion:
                 out[f"{decoder}.bert.encoder.layer.{int(layer.group(1)) - fusion}.{layer.group(2)}"] = value
-        return resample_image_pos_embeds(out, model)
+        if notes is not None and any(key.startswith("text_decoder.bert.") for key in out):
+            notes.append("text_encoder.bert.* -> text_encoder.*; answer decoder text_decoder.* from the pretrained "
+                         f"embeddings, fusion layers {fusion}+ and MLM head")
+        return resample_image_pos_embeds(out, model, notes)

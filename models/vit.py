@@ -121,9 +121,10 @@ def create_vit(vit_cfg: dict[str, Any], image_res: int) -> VisualEncoder:
     return model
 
 
-def resample_pos_embed(state_dict: dict[str, Tensor], model: VisionTransformer, prefix: str) -> dict[str, Tensor]:
+def resample_pos_embed(state_dict: dict[str, Tensor], model: VisionTransformer, prefix: str,
+                       notes: list[str] | None = None) -> dict[str, Tensor]:
     """Resample ``{prefix}pos_embed`` to ``model``'s patch grid (bicubic, [CLS] kept), as ALBEF does for another
-    image_res; returns a new dict."""
+    image_res; returns a new dict. ``notes`` receives a line saying so when it resampled."""
     key = f"{prefix}pos_embed"
     if key not in state_dict:
         return state_dict
@@ -134,6 +135,8 @@ def resample_pos_embed(state_dict: dict[str, Tensor], model: VisionTransformer, 
     grid = model.patch_embed.grid_size
     resampled = resample_abs_pos_embed(old.float(), new_size=list(grid), num_prefix_tokens=1).to(old.dtype)
     log.info("resampled %s from %d to %d tokens", key, old.shape[1], new_len)
+    if notes is not None:
+        notes.append(f"{key} resampled {old.shape[1]} -> {new_len} tokens")
     return {**state_dict, key: resampled}
 
 
