@@ -9,6 +9,7 @@ base lr: a group with lr_mult 0.1 ends at 0.1 x min_lr, like the rest of its sch
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from optim.options import merge_block
 
+logger = logging.getLogger(__name__)
 # The ``scheduler:`` config block. This is the one home of these keys; the engine merges it into the config schema.
 SCHEDULER_DEFAULTS: dict[str, Any] = {
     # cosine | linear | step | multistep | constant | plateau (what follows the warmup).
@@ -154,8 +156,14 @@ def create_scheduler(
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"scheduler.warmup_fraction must be in [0, 1), got {fraction}")
         warmup = round(fraction * total)
-    if warmup >= total:
-        raise ValueError(f"scheduler.warmup_steps={warmup} must be below the total number of steps ({total})")
+    if warmup > total:
+        # A short run (a smoke test with train.max_steps, a tiny dataset) with a config's warm-up: the run would end
+        # still warming up towards an lr it never reaches. Warm up over the whole run instead, reaching the base lr
+        # at its last step, and say so.
+        logger.warning("scheduler.warmup_steps=%d is longer than the run (%d optimizer steps): the warm-up is "
+                       "clamped to the run's %d steps (set scheduler.warmup_steps or warmup_fraction to choose)",
+                       warmup, total, total)
+        warmup = total
     start_factor = float(options["warmup_start_factor"])
     if not 0.0 <= start_factor <= 1.0:
         raise ValueError(f"scheduler.warmup_start_factor must be in [0, 1], got {start_factor}")
