@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,12 @@ class Explanation:
     """Grad-CAM of one (image, text) pair on the (h, w) patch grid."""
 
     text: str
-    words: list[str]  # the text's words as the tokenizer splits them (word pieces joined)
+    words: list[str]  # every word of the (cleaned) text, as the tokenizer's pre-tokenizer splits it
     word_maps: np.ndarray  # (len(words), h, w) float32; empty in itc mode
     sentence_map: np.ndarray  # (h, w) float32
     itm_prob: float  # probability of 'match' from the ITM head
     mode: str
+    unknown_words: list[str] = field(default_factory=list)  # words the vocabulary lacks ([UNK]: their map is its map)
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Predictor:
             raise ValueError(f"mode must be one of {GRADCAM_MODES}, got {mode!r}")
         pixels = build_transform("test", self.image_res)(image_rgb, np.random.default_rng(0))  # uint8 (3, res, res)
         image = normalize(pixels[None].to(self.device))  # (1, 3, res, res)
-        ids, mask = tokenize(self.tokenizer, [pre_caption(text, self.max_words)], self.max_tokens, padding="longest")
+        cleaned = pre_caption(text, self.max_words)
+        ids, mask = tokenize(self.tokenizer, [cleaned], self.max_tokens, padding="longest")
         ids, mask = ids.to(self.device), mask.to(self.device)
         maps = compute_gradcam(self.model, image, ids, mask, mode, block_num, vit_block)
         itm_prob = maps.match_prob
@@ -70,31 +72,49 @@ class Predictor:
                 fused = self.model.fuse(self.model.encode_text(ids, mask), mask, self.model.encode_image(image))
                 itm_prob = self.model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
         words, word_maps = [], np.zeros((0, *maps.text_map.shape[1:]), dtype=np.float32)
+        unknown: list[str] = []
         if maps.token_maps is not None:
-            words, word_maps = group_word_pieces(self.tokenizer, ids[0], maps.token_maps[0])
+            words, word_maps, unknown = text_words(self.tokenizer, cleaned, ids[0], maps.token_maps[0])
+            if unknown:
+                log.warning("Grad-CAM: word(s) not in the tokenizer's vocabulary: %s (each shown with the map of "
+                            "its [UNK] token)", ", ".join(repr(word) for word in unknown))
         return Explanation(text=text, words=words, word_maps=word_maps,
                            sentence_map=maps.text_map[0].float().cpu().numpy(), itm_prob=float(itm_prob[0]),
-                           mode=mode)
+                           mode=mode, unknown_words=unknown)
 
 
-def group_word_pieces(tokenizer: Any, input_ids: Tensor, token_maps: Tensor) -> tuple[list[str], np.ndarray]:
-    """Join WordPiece tokens (``##`` continues a word) into words; a word's map is the mean of its pieces' maps.
-    input_ids (L,), token_maps (L, h, w) -> words, (n_words, h, w). [CLS], [SEP] and padding are left out."""
-    special = set(tokenizer.all_special_ids)
-    words: list[str] = []
-    groups: list[list[int]] = []
-    for position, token in enumerate(tokenizer.convert_ids_to_tokens(input_ids.tolist())):
-        if int(input_ids[position]) in special:
-            continue
-        if token.startswith("##") and words:
-            words[-1] += token[2:]
-            groups[-1].append(position)
-        else:
-            words.append(token)
-            groups.append([position])
+def text_words(tokenizer: Any, text: str, input_ids: Tensor, token_maps: Tensor
+               ) -> tuple[list[str], np.ndarray, list[str]]:
+    """The words of ``text`` (as tokenized into input_ids (L,): [CLS], its tokens, padding) with their maps.
+
+    Words are the tokenizer's own split of the text (its pre-tokenizer: whitespace and punctuation), spelled as in
+    the text, so that none is lost: a word made of several WordPiece tokens gets the mean of their maps, a word the
+    vocabulary lacks (one [UNK] token) keeps its spelling and the [UNK] token's map. Returns (words, maps (n_words,
+    h, w), the unknown words); only the words inside max_tokens are there."""
+    length = int((input_ids != tokenizer.pad_token_id).sum()) - 1  # the text's tokens, after [CLS]
+    encoding = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max(length, 1),
+                         return_offsets_mapping=True)
+    if encoding["input_ids"][:length] != input_ids[1:1 + length].tolist():
+        raise ValueError(f"input_ids are not the tokens of {text!r}")
+    spans: list[list[int]] = []  # [start, end] of each word in text
+    groups: list[list[int]] = []  # positions in input_ids of each word's tokens
+    unknown_ids: set[int] = set()  # words with an [UNK] token
+    previous = None
+    for token, (word_id, (start, end)) in enumerate(zip(encoding.word_ids()[:length],
+                                                       encoding["offset_mapping"][:length], strict=True)):
+        if word_id != previous or not spans:
+            spans.append([start, end])
+            groups.append([])
+        spans[-1][1] = end  # the pieces of one word are contiguous in the text
+        groups[-1].append(1 + token)
+        if encoding["input_ids"][token] == tokenizer.unk_token_id:
+            unknown_ids.add(len(spans) - 1)
+        previous = word_id
+    words = [text[start:end] for start, end in spans]
+    unknown = [words[index] for index in sorted(unknown_ids)]
     maps = [token_maps[group].float().mean(dim=0).cpu().numpy() for group in groups]
     height, width = token_maps.shape[1:]
-    return words, np.stack(maps) if maps else np.zeros((0, height, width), dtype=np.float32)
+    return words, np.stack(maps) if maps else np.zeros((0, height, width), dtype=np.float32), unknown
 
 
 def model_config(checkpoint: dict[str, Any], config_path: str | Path | None) -> dict[str, Any]:
@@ -195,7 +215,8 @@ def write_explanation(image_path: str | Path, explanation: Explanation, out_png:
         np.save(out_png.with_suffix(".npy"), maps)
         out_png.with_suffix(".json").write_text(json.dumps(
             {"text": explanation.text, "mode": explanation.mode, "itm_prob": explanation.itm_prob,
-             "maps": ["<sentence>", *explanation.words]}, indent=1), encoding="utf-8")
+             "maps": ["<sentence>", *explanation.words], "unknown_words": explanation.unknown_words}, indent=1),
+            encoding="utf-8")
     return out_png
 
 

@@ -16,7 +16,7 @@ from engine.config import save_config
 from models import create_model
 from Predict import main
 from tasks.demo_gradcam import write_demo_gradcam
-from tasks.gradcam_view import MAX_COLUMNS, group_word_pieces
+from tasks.gradcam_view import MAX_COLUMNS, text_words
 
 TINY_MODEL = {
     "bert_config": "configs/config_bert.json", "text_encoder": "",
@@ -93,13 +93,43 @@ def test_demo_gradcam_writes_the_png(checkpoints, synthetic_dir) -> None:
     assert 0 < pointing.chance < 50 and 0 <= pointing.accuracy <= 100
 
 
-def test_word_pieces_join_into_words(tmp_path) -> None:
+def test_word_pieces_join_into_words_and_unknown_words_stay(tmp_path) -> None:
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "##dish", "circle"]) + "\n")
     tokenizer = build_tokenizer(str(vocab))
-    ids = torch.tensor([2, 5, 6, 7, 0])  # [CLS] red ##dish circle [PAD]
-    token_maps = torch.arange(5 * 2 * 2, dtype=torch.float32).view(5, 2, 2)
-    words, maps = group_word_pieces(tokenizer, ids, token_maps)
-    assert words == ["reddish", "circle"]
+    ids = torch.tensor([2, 5, 6, 1, 7, 0])  # [CLS] red ##dish [UNK] circle [PAD]
+    token_maps = torch.arange(6 * 2 * 2, dtype=torch.float32).view(6, 2, 2)
+    words, maps, unknown = text_words(tokenizer, "reddish shiny circle", ids, token_maps)
+    assert words == ["reddish", "shiny", "circle"] and unknown == ["shiny"]
     np.testing.assert_allclose(maps[0], ((token_maps[1] + token_maps[2]) / 2).numpy())
-    np.testing.assert_allclose(maps[1], token_maps[3].numpy())
+    np.testing.assert_allclose(maps[1], token_maps[3].numpy())  # the [UNK] token's map, under the word's own name
+    np.testing.assert_allclose(maps[2], token_maps[4].numpy())
+    with pytest.raises(ValueError, match="not the tokens of"):
+        text_words(tokenizer, "circle", ids, token_maps)
+
+
+def test_predict_shows_words_the_tokenizer_does_not_know(checkpoints, synthetic_dir, tmp_path) -> None:
+    """'button' is not in the synthetic vocabulary: it used to vanish from the PNG and cam.json."""
+    import logging
+
+    image_path = synthetic_dir / "images" / json.loads((synthetic_dir / "refcoco+_val.json").read_text())[0]["image"]
+    vocab = (synthetic_dir / "vocab.txt").read_text().split()
+    assert "button" not in vocab and "blue" in vocab
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("alignfuse")
+    logger.addHandler(handler)
+    try:
+        out = tmp_path / "cam.png"
+        main(["--checkpoint", str(checkpoints["ours"]), "--image", str(image_path), "--text", "the blue button",
+              "--out", str(out), "--save_npy"])
+    finally:
+        logger.removeHandler(handler)
+    described = json.loads(out.with_suffix(".json").read_text())
+    assert described["maps"] == ["<sentence>", "the", "blue", "button"]
+    assert described["unknown_words"] == ["button"]
+    assert np.load(out.with_suffix(".npy")).shape[0] == 4
+    height, width = cv2.imread(str(image_path)).shape[:2]
+    assert cv2.imread(str(out)).shape == (height, 5 * width, 3)  # image, sentence and the 3 words
+    assert any("'button'" in record.getMessage() and "[UNK]" in record.getMessage() for record in records)
