@@ -1,9 +1,11 @@
 """Synthetic vision-language data in every ALBEF annotation format, for the demo and the tests.
 
-``python -m dataset.synthetic --out DIR [--num-images N] [--image-size PX] [--seed S]`` draws N scenes of 1-3
-non-overlapping coloured shapes on a plain light background (OpenCV, JPEG) and writes texts about them whose words
-depend on the colours, shapes, sizes, counts and positions, so that a small model can learn them. Same seed, same
-bytes; a second call with the same parameters finds DIR/manifest.json and does nothing.
+``python -m dataset.synthetic [--out DIR] [--num-images N] [--image-size PX] [--seed S] [--overwrite]`` draws N
+scenes of 1-3 non-overlapping coloured shapes on a plain light background (OpenCV, JPEG) and writes texts about them
+whose words depend on the colours, shapes, sizes, counts and positions, so that a small model can learn them. Same
+seed, same bytes; a second call with the same parameters finds DIR/manifest.json and does nothing. DIR defaults to
+``data/synthetic`` (``data/demo`` is the demo's, 1,500 images); data of other parameters already in DIR is replaced
+only with ``--overwrite``.
 
 Each shape sits in its own cell of a 3x3 grid (that keeps shapes apart and positions unambiguous) and has a shape,
 a colour, a size (small/large) and a position named from its cell ("on the left", "in the top right corner").
@@ -701,6 +703,23 @@ def _texts(files: dict[str, object]) -> list[str]:
     return texts
 
 
+DEFAULT_OUT = "data/synthetic"  # not data/demo: that is the demo's data (1,500 images), used by configs/demo
+
+
+def generator_params(num_images: int, image_size: int, seed: int) -> dict:
+    """What the manifest records, and a later call compares, to tell whether a folder holds the same data."""
+    return {"num_images": num_images, "image_size": image_size, "seed": seed, "format_version": FORMAT_VERSION}
+
+
+def existing_params(out_dir: str | Path) -> dict | None:
+    """The parameters of the synthetic data already in out_dir (its manifest), or None."""
+    manifest = _paths(Path(out_dir))["manifest"]
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("params")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def generate(out_dir: str | Path, num_images: int = 600, image_size: int = 64, seed: int = 0) -> dict[str, Path]:
     """Write the synthetic dataset to out_dir (skipped when its manifest has the same parameters); returns paths."""
     if num_images < 10:
@@ -709,14 +728,9 @@ def generate(out_dir: str | Path, num_images: int = 600, image_size: int = 64, s
         raise ValueError(f"image_size must be at least 32 pixels (shapes must stay recognisable), got {image_size}")
     out = Path(out_dir)
     paths = _paths(out)
-    params = {"num_images": num_images, "image_size": image_size, "seed": seed, "format_version": FORMAT_VERSION}
-    if paths["manifest"].is_file():
-        try:
-            previous = json.loads(paths["manifest"].read_text(encoding="utf-8")).get("params")
-        except json.JSONDecodeError:
-            previous = None  # a damaged manifest: regenerate
-        if previous == params:
-            return paths
+    params = generator_params(num_images, image_size, seed)
+    if existing_params(out) == params:  # a missing or damaged manifest: (re)generate
+        return paths
 
     images_dir = paths["images"]
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -763,11 +777,18 @@ def generate(out_dir: str | Path, num_images: int = 600, image_size: int = 64, s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace synthetic data of other parameters already in --out")
     parser.add_argument("--num-images", type=int, default=600, help="number of images (train ~70%%, val/test ~15%%)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    wanted = generator_params(args.num_images, args.image_size, args.seed)
+    previous = existing_params(args.out)
+    if previous is not None and previous != wanted and not args.overwrite:
+        parser.error(f"{args.out} already holds synthetic data with other parameters ({previous}; asked for "
+                     f"{wanted}): choose another --out, or add --overwrite to replace it")
     paths = generate(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed)
     print(f"synthetic data in {paths['root']} ({args.num_images} images of {args.image_size} px, seed {args.seed})")
 

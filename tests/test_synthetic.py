@@ -282,3 +282,19 @@ def test_cli_and_bad_parameters(tmp_path: Path, capsys):
         generate(tmp_path / "bad", num_images=3)
     with pytest.raises(ValueError, match="image_size"):
         generate(tmp_path / "bad", num_images=20, image_size=16)
+
+
+def test_cli_default_folder_is_not_the_demos_and_other_data_is_not_replaced_silently(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["--num-images", "10"])
+    default = tmp_path / "data" / "synthetic"
+    assert not (tmp_path / "data" / "demo").exists()  # the demo's folder (demo.py --data, configs/demo) is left alone
+    assert _load(default, "manifest")["params"]["num_images"] == 10 and len(list((default / "images").iterdir())) == 10
+    # Other parameters into a folder that holds data: refused, the data untouched.
+    with pytest.raises(SystemExit):
+        main(["--num-images", "12"])
+    assert "already holds synthetic data with other parameters" in capsys.readouterr().err
+    assert _load(default, "manifest")["params"]["num_images"] == 10
+    main(["--num-images", "10"])  # the same parameters: nothing to do
+    main(["--num-images", "12", "--overwrite"])
+    assert _load(default, "manifest")["params"]["num_images"] == 12 and len(list((default / "images").iterdir())) == 12
