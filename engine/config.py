@@ -29,7 +29,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "grad_accum_steps": 1,  # micro-batches per optimizer step; losses are divided by it
         "clip_grad_norm": 0.0,  # max global L2 grad norm (0 = no clipping)
         "amp": "auto",  # auto (bf16 on a CUDA GPU that supports it, none on CPU) | none | bf16 | fp16 (GradScaler)
-        "compile": False,  # wrap the training model in torch.compile
+        "compile": False,  # wrap the training model in torch.compile (texts then padded to data.max_tokens)
+        "compile_backend": "inductor",  # torch.compile backend: inductor | aot_eager | eager | cudagraphs ...
+        "compile_mode": "default",  # inductor mode: default | reduce-overhead | max-autotune ...
         "ema_decay": 0.0,  # EMA of the weights with this decay, evaluated instead of the raw weights (0 = off)
         "eval_every_epochs": 1,  # evaluate at the end of every N-th epoch (0 = never at epoch ends)
         "epoch_chunks": 1,  # evaluate this many times per evaluated epoch, at equal fractions of it

@@ -34,8 +34,8 @@ def prompt_ids(tokenizer: Any, prompt: str) -> Tensor:
 class PromptCaptionCollator(ImageTextCollator):
     """Captions prefixed with the prompt and ended with [SEP]: text_ids = [CLS] prompt caption [SEP] (B, L)."""
 
-    def __init__(self, tokenizer: Any, max_length: int, prompt: str) -> None:
-        super().__init__(tokenizer, max_length, padding="longest", add_eos=True)
+    def __init__(self, tokenizer: Any, max_length: int, prompt: str, padding: str = "longest") -> None:
+        super().__init__(tokenizer, max_length, padding=padding, add_eos=True)
         self.prompt = prompt
 
     def __call__(self, items: list[dict]) -> dict[str, Any]:
