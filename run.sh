@@ -26,7 +26,8 @@ setup() {
   echo "[run.sh] installing into $VENV (first time: several minutes)"
   [ -x "$PY" ] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip setuptools wheel
-  # torch first, from the registry (the floor keeps pip off the local CPU-only 2.13.0 wheel; see DESIGN.md).
+  # torch first, from the registry. The floor and the exclusion keep pip off a CPU-only torch 2.13.0 wheel that some
+  # machines hold in pip's find-links: torchvision does not import with it, and timm needs torchvision.
   "$PY" -m pip install -q "torch>=2.5,!=2.13.0" torchvision
   "$PY" -m pip install -q -e ".[test]"
   # DeepSpeed's setup imports torch, so it builds against the torch installed above; ops are JIT-built when used.

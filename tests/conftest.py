@@ -73,9 +73,9 @@ DEFAULT_REFERENCE_DIR = REPO.parent / "shared" / "fixtures" / "albef_reference" 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The folder of the ALBEF reference outputs: ALBEF_REFERENCE_DIR, else the project's shared/ folder beside the
-    repository. Where neither exists the parity tests skip and say why (DESIGN.md), except under CI (CI=true, or
-    ALBEF_REFERENCE_REQUIRED=1, which .ci/run sets), where a missing folder is a failure: CI must never pass without
-    the parity tests."""
+    repository (its README.md describes each tensor). Where neither exists the parity tests skip and say why, except
+    under CI (CI=true, or ALBEF_REFERENCE_REQUIRED=1, which .ci/run sets), where a missing folder is a failure: CI
+    must never pass without the parity tests."""
     value = os.environ.get("ALBEF_REFERENCE_DIR")
     path = Path(value) if value else DEFAULT_REFERENCE_DIR
     if path.is_dir():
