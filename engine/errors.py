@@ -40,13 +40,20 @@ def _innermost(tb: TracebackType) -> TracebackType:
     return tb
 
 
+# Where AlignFuse's own code lives below REPO (also when REPO is a site-packages folder, beside other libraries).
+OWN_PACKAGES = frozenset({"engine", "models", "dataset", "optim", "scheduler", "metrics", "tasks", "refTools",
+                          "vqaTools", "tools", "benchmarks", "tests"})
+
+
 def _own_file(filename: str) -> bool:
-    """A source file of this repository (not of the virtual environment or an installed package)."""
+    """A source file of AlignFuse: in one of its packages or an entry script at the top of the repository."""
     try:
-        relative = Path(filename).resolve().relative_to(REPO)
+        parts = Path(filename).resolve().relative_to(REPO).parts
     except (ValueError, OSError):
         return False
-    return bool(relative.parts) and relative.parts[0] != ".venv" and "site-packages" not in relative.parts
+    if len(parts) == 1:  # an entry script (Retrieval.py ...): only in a source checkout, not among installed modules
+        return parts[0].endswith(".py") and (REPO / "pyproject.toml").is_file()
+    return len(parts) > 1 and parts[0] in OWN_PACKAGES
 
 
 def _raised_by_statement(tb: TracebackType) -> bool:
