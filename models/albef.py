@@ -149,17 +149,19 @@ def mask_tokens(input_ids: Tensor, special: SpecialTokens, probability: float,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """BERT masking as ALBEF does it: each non-[PAD]/[CLS] token is chosen with ``probability``; of those 80% become
     [MASK], 10% a random token, 10% stay. Returns (masked input_ids, labels with -100 where not chosen)."""
-    device = input_ids.device
-    input_ids = input_ids.clone()
-    labels = input_ids.clone()
-    chosen = torch.rand(input_ids.shape, device=device, generator=generator) < probability
+    # Elementwise selections (no boolean-index writes, whose sizes depend on the draw), and the generator passed only
+    # when given (generator=None selects rand's explicit-generator overload): both keep the function traceable by
+    # torch.compile, with the same draws and results as in eager mode.
+    rng: dict[str, Any] = {"device": input_ids.device} if generator is None else {"device": input_ids.device,
+                                                                                  "generator": generator}
+    chosen = torch.rand(input_ids.shape, **rng) < probability  # (B, L)
     chosen &= (input_ids != special.pad) & (input_ids != special.cls)
-    labels[~chosen] = -100
-    replaced = (torch.rand(input_ids.shape, device=device, generator=generator) < 0.8) & chosen
-    input_ids[replaced] = special.mask
-    randomised = (torch.rand(input_ids.shape, device=device, generator=generator) < 0.5) & chosen & ~replaced
-    random_words = torch.randint(special.vocab_size, input_ids.shape, device=device, generator=generator)
-    input_ids[randomised] = random_words[randomised]
+    labels = torch.where(chosen, input_ids, -100)
+    replaced = (torch.rand(input_ids.shape, **rng) < 0.8) & chosen
+    randomised = (torch.rand(input_ids.shape, **rng) < 0.5) & chosen & ~replaced
+    random_words = torch.randint(special.vocab_size, input_ids.shape, **rng)
+    input_ids = torch.where(replaced, special.mask, input_ids)
+    input_ids = torch.where(randomised, random_words, input_ids)
     return input_ids, labels
 
 
@@ -449,14 +451,17 @@ class AlbefBase(nn.Module):
             hidden = self.text_encoder.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds,
                                             mode="multi_modal", image_kv=image_kv)
         logits = self.text_encoder.cls(hidden[scored], decoder_weight)  # (M, V)
-        targets = labels[scored]
-        loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
-        if image_embeds_m is not None and alpha > 0 and targets.numel():
+        targets = labels[scored]  # (M,)
+        # Means over the M masked tokens taken as sums / max(M, 1): 0 with a zero gradient when no token was masked,
+        # and no Python branch on M, which torch.compile only knows when the step runs.
+        count = scored.sum().clamp(min=1)
+        loss = F.cross_entropy(logits, targets, reduction="sum") / count
+        if image_embeds_m is not None and alpha > 0:
             with torch.no_grad():
                 hidden_m = self.text_encoder_m.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds_m,
                                                     mode="multi_modal")
                 soft = F.softmax(self.text_encoder_m.cls(hidden_m[scored]), dim=-1)
-            distill = -(F.log_softmax(logits, dim=-1) * soft).sum(dim=-1).mean()
+            distill = -(F.log_softmax(logits, dim=-1) * soft).sum() / count
             loss = (1 - alpha) * loss + alpha * distill
         return loss
 
