@@ -166,6 +166,11 @@ class AlbefTask(Task):
         collate_fn = collate_fn or dataset.make_collator(self.tokenizer, int(data.max_tokens),
                                                          padding=self.text_padding(train))
         batch_size = int(data.batch_size if train else data.eval_batch_size)
+        if batch_size < 1:  # checked here: torch's own error would arrive as a traceback (engine.errors)
+            key = "data.batch_size" if train else "data.eval_batch_size"
+            raise ValueError(f"config key {key!r} must be at least 1, got {batch_size}")
+        if int(data.num_workers) < 0:
+            raise ValueError(f"config key 'data.num_workers' must be 0 or more, got {data.num_workers}")
         return create_loader(dataset, batch_size, train=train, num_workers=int(data.num_workers),
                              collate_fn=collate_fn, seed=int(self.config.seed))
 

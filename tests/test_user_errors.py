@@ -163,6 +163,7 @@ def user_mistakes(synthetic_dir: Path, tmp_path: Path) -> dict[str, tuple[list[s
                         "--opts train.epoch=2: unknown config key 'train.epoch'; nearest valid keys: ['train.epochs'"),
         "bad value": (["--opts", *opts, "train.epochs=many"],
                       "config key 'train.epochs' expects int (default 1), got str 'many'"),
+        "bad batch size": (["--opts", *opts, "data.batch_size=0"], "config key 'data.batch_size' must be at least 1"),
         "missing annotation file": (["--opts", *opts, f"data.train_file=[{tmp_path / 'nope.json'}]"],
                                     f"not found: {tmp_path / 'nope.json'}"),
         "missing field": (["--opts", *opts, f"data.train_file=[{no_image_id}]"],
@@ -173,7 +174,8 @@ def user_mistakes(synthetic_dir: Path, tmp_path: Path) -> dict[str, tuple[list[s
     }
 
 
-@pytest.mark.parametrize("mistake", ["unknown key", "bad value", "missing annotation file", "missing field",
+@pytest.mark.parametrize("mistake", ["unknown key", "bad value", "bad batch size", "missing annotation file",
+                                     "missing field",
                                      "output dir not writable", "device cuda"])
 def test_user_mistakes_print_one_message(mistake: str, synthetic_dir: Path, tmp_path: Path, monkeypatch,
                                          capsys) -> None:
