@@ -235,8 +235,8 @@ class ImageTextDataset(Dataset, abc.ABC):
                 # Training: draw another sample, reproducibly, so that the batch stays full.
                 sample = int(np.random.default_rng((self.seed, epoch, index, retry + 1)).integers(len(self)))
                 continue
-            # 1 when the sample's own image was unreadable: each broken file counts once per epoch, whatever its stand-in
-            # draws met (every failed load is logged with its path).
+            # 1 when the sample's own image was unreadable: each broken file counts once per epoch, whatever its
+            # stand-in draws met (every failed load is logged with its path).
             item["num_skipped"] = int(retry > 0)
             return item
         raise RuntimeError(
