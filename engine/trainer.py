@@ -236,6 +236,7 @@ class Trainer:
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None
         self.ema: AveragedModel | None = None
+        self.unfreeze: Any = None  # optim.UnfreezeSchedule when optimizer.unfreeze is on (set up with the optimizer)
         self.meter: throughput.StepMeter | None = None  # training throughput (set up with the loader)
         self._input_bound_warned = -1  # the epoch of the last input-bound warning
         self._windows_logged = 0
@@ -280,7 +281,16 @@ class Trainer:
         if max_steps > 0:
             self.total_steps = min(self.total_steps, max_steps)
 
-        self.optimizer = optim.create_optimizer(self.cfg.optimizer, self.model)
+        # Progressive unfreezing: the optimizer's groups hold every parameter the schedule will train; those not
+        # unfrozen yet get no gradient, which the optimizer skips (groups, lrs and optimizer state keep their layout).
+        self.unfreeze = optim.build_unfreeze_schedule(self.cfg.optimizer, self.model)
+        if self.unfreeze is not None and self.use_deepspeed:
+            raise ValueError("optimizer.unfreeze (progressive unfreezing) does not work with DeepSpeed, which fixes "
+                             "the trained parameters when it starts; use DDP or set deepspeed.enabled=false")
+        if self.unfreeze is not None and self.tcfg.compile and self.world > 1:
+            raise ValueError("optimizer.unfreeze with train.compile on several processes is not supported: each "
+                             "stage re-wraps the model in DDP; turn one of them off")
+        self.optimizer = optim.create_optimizer(self.cfg.optimizer, self.model, unfreeze=self.unfreeze)
         self.scheduler = scheduler_mod.create_scheduler(
             self.cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=epochs,
             max_steps=max_steps,
@@ -294,6 +304,9 @@ class Trainer:
                                      use_buffers=True)
         if resume is not None:
             self._load_state(*resume)
+        if self.unfreeze is not None:
+            self.unfreeze.apply(self.model)  # the stage reached before a resume (stage 0 on a fresh run)
+            self.log.info("%s", self.unfreeze.describe(self.model, self.optimizer))
 
         if self.use_deepspeed:
             if self.iters_per_epoch % self.accum:
@@ -303,13 +316,7 @@ class Trainer:
                 )
             self._setup_deepspeed(resume)
         elif self.world > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-                find_unused_parameters=bool(self.tcfg.find_unused_parameters),
-                static_graph=bool(self.tcfg.static_graph),
-            )
+            self.ddp = self._wrap_ddp()
             self.train_model = self.ddp
         self._eager_train_model = self.train_model  # the FLOP-counting step runs uncompiled
         peak, self.peak_source = (throughput.device_peak_flops(self.device, self.amp_dtype)
@@ -318,6 +325,28 @@ class Trainer:
         if self.tcfg.compile:
             self.train_model = compile_model(self.train_model, str(self.tcfg.compile_backend),
                                              str(self.tcfg.compile_mode))
+
+    def _wrap_ddp(self) -> nn.parallel.DistributedDataParallel:
+        """The model in DDP; it reduces the gradients of the parameters that require one now (collective)."""
+        return nn.parallel.DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+            find_unused_parameters=bool(self.tcfg.find_unused_parameters),
+            static_graph=bool(self.tcfg.static_graph),
+        )
+
+    def _unfreeze_event(self, unit: str) -> None:
+        """An epoch ended or an evaluation ran ("epochs" / "evals"): the unfreezing schedule may start its next stage,
+        whose parameters then train from the next optimizer step on (every rank reaches this point together)."""
+        if self.unfreeze is None or not self.unfreeze.record(unit):
+            return
+        self.unfreeze.apply(self.model)
+        if self.ddp is not None:
+            self.ddp = None  # the old wrapper's gradient hooks go with it
+            self.ddp = self._wrap_ddp()  # DDP reduces what was trainable when it was built
+            self.train_model = self.ddp
+        self.log.info("%s", self.unfreeze.describe(self.model, self.optimizer))
 
     def _setup_deepspeed(self, resume: tuple[Path, dict[str, Any]] | None) -> None:
         """deepspeed.initialize with our optimizer and scheduler; DeepSpeed owns accumulation, clipping and fp16."""
@@ -398,6 +427,7 @@ class Trainer:
             "evals_without_improvement": self.evals_without_improvement,
             "last_eval_step": self.last_eval_step,
             "last_metrics": dict(self.last_metrics),
+            "unfreeze": self.unfreeze.state_dict() if self.unfreeze is not None else None,
         }
         if full and not self.use_deepspeed:
             state["optimizer"] = self.optimizer.state_dict() if self.optimizer is not None else None
@@ -426,6 +456,13 @@ class Trainer:
         self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
         self.last_eval_step = int(state.get("last_eval_step", -1))
         self.last_metrics = dict(state.get("last_metrics") or {})
+        if self.unfreeze is not None:
+            if state.get("unfreeze") is not None:
+                self.unfreeze.load_state_dict(state["unfreeze"])
+            else:  # a checkpoint from before optimizer.unfreeze was set: count its finished epochs
+                self.unfreeze.events = self.epoch if self.unfreeze.unit == "epochs" else 0
+                self.log.warning("checkpoint %s has no unfreezing state: starting the schedule at %d %s", path,
+                                 self.unfreeze.events, self.unfreeze.unit)
         self._last_saved = (self.step, self.epoch, self.iter_in_epoch, self.last_eval_step)
         rng = state.get("rng")
         if isinstance(rng, list) and len(rng) == self.world:
@@ -811,12 +848,14 @@ class Trainer:
                     self.task.on_epoch_end(finished_epoch)
                     self.epoch += 1
                     self.iter_in_epoch = 0
+                    self._unfreeze_event("epochs")
                 epoch_eval = (tcfg.eval_every_epochs > 0 and (finished_epoch + 1) % tcfg.eval_every_epochs == 0
                               and group_index in chunk_ends)
                 step_eval = stepped and tcfg.eval_every_steps > 0 and self.step % tcfg.eval_every_steps == 0
                 if (epoch_eval or step_eval) and self.step != self.last_eval_step and self.task.eval_splits():
                     self.evaluate_and_track()
                     self.model.train()
+                    self._unfreeze_event("evals")
                 if stop_any:
                     self.stop_reason = f"signal {self.stop_signal.requested or 'on another rank'}"
                 if self.step >= self.total_steps and self.stop_reason is None:

@@ -14,7 +14,7 @@ import timm.optim
 import torch
 from torch import nn
 
-from optim.freeze import apply_freeze, unwrap_model
+from optim.freeze import UNFREEZE_DEFAULTS, UnfreezeSchedule, apply_freeze, unwrap_model
 from optim.options import merge_block
 
 # The ``optimizer:`` config block. This is the one home of these keys; the engine merges it into the config schema.
@@ -37,6 +37,9 @@ OPTIMIZER_DEFAULTS: dict[str, Any] = {
     # Open dict: module-name prefix -> number of its last blocks left trainable (0 freezes it all), e.g.
     # {visual_encoder: 2}; see optim.freeze.apply_freeze.
     "freeze": {},
+    # Progressive unfreezing of the freeze prefixes, one stage every N epochs or evaluations (off by default); see
+    # optim.freeze.UNFREEZE_DEFAULTS for the keys and optim.freeze.UnfreezeSchedule for the rules.
+    "unfreeze": dict(UNFREEZE_DEFAULTS),
     # Substrings of parameter names that get no weight decay, besides biases and norm weights.
     "no_decay_names": ["pos_embed", "cls_token", "embeddings", "temp"],
     # Fused AdamW kernel: null or 'auto' (on when every trainable parameter is on CUDA), true or false (foreach
@@ -123,9 +126,21 @@ def build_param_groups(
     return list(groups.values())
 
 
-def create_optimizer(cfg_optimizer: Mapping[str, Any] | None, model: nn.Module) -> torch.optim.Optimizer:
+def build_unfreeze_schedule(cfg_optimizer: Mapping[str, Any] | None, model: nn.Module) -> UnfreezeSchedule | None:
+    """The progressive-unfreezing schedule of ``optimizer.unfreeze`` (None when off). Build it before
+    create_optimizer freezes anything and hand it over, so that it knows which parameters the model trains."""
+    options = merge_block(OPTIMIZER_DEFAULTS, cfg_optimizer, "optimizer")
+    return UnfreezeSchedule.from_config(unwrap_model(model), options["freeze"], options["unfreeze"])
+
+
+def create_optimizer(
+    cfg_optimizer: Mapping[str, Any] | None, model: nn.Module, unfreeze: UnfreezeSchedule | None = None
+) -> torch.optim.Optimizer:
     """Freeze what ``freeze`` asks, then build the optimizer over the trainable parameters' groups.
 
+    With a progressive-unfreezing schedule (``unfreeze``, or the one ``optimizer.unfreeze`` asks for) the groups
+    hold every parameter the schedule will ever train, and the model is left at the schedule's current stage: the
+    parameters still frozen have no gradient, which the optimizer skips.
     Call it on the model before wrapping it in DDP: freezing changes which parameters DDP must reduce.
     """
     options = merge_block(OPTIMIZER_DEFAULTS, cfg_optimizer, "optimizer")
@@ -133,7 +148,13 @@ def create_optimizer(cfg_optimizer: Mapping[str, Any] | None, model: nn.Module) 
     _check_name(name)
     fused = _fused_setting(options["fused"])
     model = unwrap_model(model)
-    apply_freeze(model, options["freeze"])
+    if unfreeze is None:
+        unfreeze = UnfreezeSchedule.from_config(model, options["freeze"], options["unfreeze"])
+    if unfreeze is None:
+        apply_freeze(model, options["freeze"])
+    else:
+        apply_freeze(model, {prefix: n for prefix, n in options["freeze"].items() if prefix not in unfreeze.prefixes})
+        unfreeze.apply(model, unfreeze.last_stage)  # the groups take everything the schedule will train
 
     lr = float(options["lr"])
     groups = build_param_groups(
@@ -141,9 +162,19 @@ def create_optimizer(cfg_optimizer: Mapping[str, Any] | None, model: nn.Module) 
     )
     if not groups:
         raise ValueError("the model has no trainable parameters (all requires_grad=False after optimizer.freeze)")
+
+    optimizer = _build(name, groups, options, lr, fused)
+    if unfreeze is not None:
+        unfreeze.apply(model)  # back to the current stage
+    return optimizer
+
+
+def _build(
+    name: str, groups: list[dict[str, Any]], options: Mapping[str, Any], lr: float, fused: bool | None
+) -> torch.optim.Optimizer:
+    """torch's AdamW or timm's optimizer ``name`` over ``groups``."""
     betas = tuple(float(beta) for beta in options["betas"])
     eps = float(options["eps"])
-
     if name == "adamw":
         params = [param for group in groups for param in group["params"]]
         if fused is None:
