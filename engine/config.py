@@ -181,11 +181,11 @@ def _read_yaml(path: Path, shown: str | None = None) -> dict[str, Any]:
 
 def _load_layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
     """The file's `base:` files (recursively, in order) then the file itself, as (dict, source name) layers."""
+    shown = f"{path} (the base: of {stack[-1]})" if stack else str(path)
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ValueError(f"config base include cycle: {chain}")
-    shown = f"{path} (the base: of {stack[-1]})" if stack else str(path)
     data = _read_yaml(path, shown)
     bases = data.pop("base", None)
     if bases is None:
