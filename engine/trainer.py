@@ -287,9 +287,6 @@ class Trainer:
         if self.unfreeze is not None and self.use_deepspeed:
             raise ValueError("optimizer.unfreeze (progressive unfreezing) does not work with DeepSpeed, which fixes "
                              "the trained parameters when it starts; use DDP or set deepspeed.enabled=false")
-        if self.unfreeze is not None and self.tcfg.compile and self.world > 1:
-            raise ValueError("optimizer.unfreeze with train.compile on several processes is not supported: each "
-                             "stage re-wraps the model in DDP; turn one of them off")
         self.optimizer = optim.create_optimizer(self.cfg.optimizer, self.model, unfreeze=self.unfreeze)
         self.scheduler = scheduler_mod.create_scheduler(
             self.cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch, epochs=epochs,
@@ -341,11 +338,16 @@ class Trainer:
         whose parameters then train from the next optimizer step on (every rank reaches this point together)."""
         if self.unfreeze is None or not self.unfreeze.record(unit):
             return
-        self.unfreeze.apply(self.model)
+        self.unfreeze.apply(self.model)  # a compiled model without DDP recompiles by itself (requires_grad guards)
         if self.ddp is not None:
-            self.ddp = None  # the old wrapper's gradient hooks go with it
-            self.ddp = self._wrap_ddp()  # DDP reduces what was trainable when it was built
-            self.train_model = self.ddp
+            # DDP reduces the gradients of what was trainable when it was built: wrap again. The old wrapper (and its
+            # gradient hooks and buckets) goes with the last references to it.
+            self.ddp = self._eager_train_model = self.train_model = None
+            self.ddp = self._wrap_ddp()
+            self._eager_train_model = self.train_model = self.ddp
+            if self.tcfg.compile:
+                self.train_model = compile_model(self.ddp, str(self.tcfg.compile_backend),
+                                                 str(self.tcfg.compile_mode))
         self.log.info("%s", self.unfreeze.describe(self.model, self.optimizer))
 
     def _setup_deepspeed(self, resume: tuple[Path, dict[str, Any]] | None) -> None:

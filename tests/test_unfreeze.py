@@ -178,12 +178,16 @@ def test_engine_unfreezes_at_the_epoch_end_and_resumes(tmp_path):
         assert f"after {int(step > 8)} epochs" in _log_lines(out)[0]
 
 
-def test_engine_unfreezing_under_ddp_equals_one_process(tmp_path):
-    """2 gloo processes x batch 2 == 1 process x batch 4, across the stage change: DDP is wrapped again, so the newly
-    trainable layer's gradients are averaged over the ranks too (otherwise the replicas drift apart)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_engine_unfreezing_under_ddp_equals_one_process(tmp_path, compiled):
+    """2 gloo processes x batch 2 == 1 process x batch 4, across the stage change: DDP is wrapped again (and compiled
+    again under train.compile), so the newly trainable layer's gradients are averaged over the ranks too (otherwise
+    the replicas drift apart)."""
     out = tmp_path / "ddp"
     out.mkdir()
-    argv = ["--output_dir", str(out), "--device", "cpu", "--opts", *BASE_OPTS, *UNFREEZE, "toy.batch_size=2"]
+    compile_opts = ["train.compile=true", "train.compile_backend=aot_eager"] if compiled else []
+    argv = ["--output_dir", str(out), "--device", "cpu", "--opts", *BASE_OPTS, *UNFREEZE, "toy.batch_size=2",
+            *compile_opts]
     mp.spawn(ddp_worker, args=(2, free_port(), argv, str(out)), nprocs=2, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True)["model"] for r in range(2)]
     single = toy_run(tmp_path / "single", *UNFREEZE, "toy.batch_size=4")
