@@ -1,11 +1,11 @@
-"""Shared pieces of the benchmarks: model sizes, random inputs, peak memory and a matmul peak to compute MFU."""
+"""Shared pieces of the benchmarks: model sizes, random inputs and peak memory (the matmul peak for MFU is
+engine.throughput.measured_matmul_flops, which training runs use too)."""
 
 from __future__ import annotations
 
 import json
 import resource
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,21 +83,6 @@ def step_live_peak_bytes(step: Callable[[], None]) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
-
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul on this device/dtype, measured now (the MFU denominator)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
 
 
 def sync(device: torch.device) -> None:

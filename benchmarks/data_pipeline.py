@@ -8,8 +8,10 @@ times, in one process with one thread (what each DataLoader worker gets):
   torchvision: torchvision.io.decode_jpeg + v2 RandomResizedCrop / flip / RandAugment(2, 7) on uint8 tensors
                (torchvision's RandAugment draws from its own, larger operation set), if torchvision imports
 The pipelines take turns for ``--rounds`` rounds and each reports its best round, so that a load spike on a shared
-machine does not land on one of them only. Prints one JSON line. Not run by CI:
-    python benchmarks/data_pipeline.py [--num-images 200] [--image-res 256] [--rounds 3]
+machine does not land on one of them only. ``--workers N [N ...]`` also times our pipeline behind a DataLoader with N
+worker processes (batches of 64, pinned memory where CUDA is there): what a training rank gets. Prints one JSON line.
+Not run by CI:
+    python benchmarks/data_pipeline.py [--num-images 200] [--image-res 256] [--rounds 3] [--workers 8 16]
 """
 
 from __future__ import annotations
@@ -137,6 +139,41 @@ def images_per_second(pipeline: Callable, paths: list[Path], repeats: int = 1) -
     return repeats * len(paths) / (time.perf_counter() - start)
 
 
+class _ImageFolder(torch.utils.data.Dataset):
+    """Our pretraining transform over ``paths``, one generator per sample (as the datasets seed theirs)."""
+
+    def __init__(self, paths: list[Path], image_res: int) -> None:
+        self.paths = paths
+        self.pipeline = opencv_pipeline(image_res)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.pipeline(self.paths[index], np.random.default_rng(index))
+
+
+def _one_thread_per_worker(worker_id: int) -> None:
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def loader_images_per_second(paths: list[Path], image_res: int, workers: int, batch: int = 64,
+                             passes: int = 3) -> float:
+    """Images/s of a DataLoader with ``workers`` persistent processes over ``paths``: ``passes`` whole passes timed
+    after one untimed pass (worker start-up)."""
+    loader = torch.utils.data.DataLoader(_ImageFolder(paths, image_res), batch_size=batch, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                         worker_init_fn=_one_thread_per_worker, prefetch_factor=4 if workers else None)
+    for _ in loader:  # worker start-up
+        pass
+    seen, start = 0, time.perf_counter()
+    for _ in range(passes):
+        for images in loader:
+            seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
 def best_of_rounds(pipelines: dict[str, Callable], paths: list[Path], rounds: int) -> dict[str, float]:
     """Best images/s of each pipeline over ``rounds`` rounds in which the pipelines take turns."""
     best = dict.fromkeys(pipelines, 0.0)
@@ -151,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--image-res", type=int, default=256, help="output side in pixels (ALBEF pretrains at 256)")
     parser.add_argument("--rounds", type=int, default=3, help="the pipelines take turns this many times; best kept")
+    parser.add_argument("--workers", type=int, nargs="*", default=[],
+                        help="also time our pipeline behind a DataLoader with this many workers (several allowed)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
@@ -163,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
         if tv is not None:
             pipelines["torchvision"] = tv
         best = best_of_rounds(pipelines, paths, args.rounds)
+        batch = max(1, min(32, args.num_images // (2 * max(args.workers, default=1))))  # 2+ batches per worker
+        loader_rates = {str(n): round(loader_images_per_second(paths, args.image_res, n, batch), 1)
+                        for n in args.workers}
     result = {
         "benchmark": "data_pipeline",
         "transform": "pretrain",
@@ -175,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
         "pil_images_per_s": round(best["pil"], 1),
         "torchvision_images_per_s": round(best["torchvision"], 1) if tv is not None else None,
     }
+    if loader_rates:
+        result["loader_images_per_s"] = loader_rates  # worker count -> images/s of the DataLoader
     result["speedup_vs_pil"] = round(best["opencv"] / best["pil"], 2)
     result["speedup_vs_torchvision"] = round(best["opencv"] / best["torchvision"], 2) if tv is not None else None
     print(json.dumps(result))

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--query-batch", type=int, default=16, help="a fusion pass scores query_batch * k pairs")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast, as the engine evaluates")
     parser.add_argument("--reference-style", action="store_true")
     parser.add_argument("--count-flops", action="store_true",
                         help="re-run the re-ranking (both ways with --reference-style) under FlopCounterMode")
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"benchmark": "retrieval_eval", "size": args.size, "images": args.images, "texts": args.texts,
               "k_test": args.k_test, "caption_words": "{}-{}".format(*args.caption_words),
               "mean_tokens": round(float(mask.sum(1).float().mean()), 2), "query_batch": args.query_batch,
-              "device": str(device), "threads": torch.get_num_threads()}
-    with torch.no_grad():
+              "device": str(device), "amp": args.amp, "threads": torch.get_num_threads()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    with torch.no_grad(), autocast:
         image_embeds, record["encode_images_s"] = timed(encode_images)
         image_feats = model.image_feat(image_embeds)
         (text_embeds, text_feats), record["encode_texts_s"] = timed(lambda: encode_text_ids(model, ids, mask))

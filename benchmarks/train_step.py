@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     emit,
     malloc_name,
-    matmul_peak_flops,
     median,
     model_cfg,
     peak_memory_bytes,
@@ -50,11 +49,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--text-len", type=int, default=30)
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: also profile 3 steps: kernel launches per step, the share of the step the GPU is "
+                             "busy, and the kernels taking the most time")
     parser.add_argument("--fused", default="auto", choices=["auto", "true", "false"],
                         help="AdamW implementation (optimizer.fused): auto = the factory's choice")
     args = parser.parse_args(argv)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = optim.create_optimizer({"lr": 1e-4, "weight_decay": 0.02, "fused": fused}, model)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, backend=args.compile_backend) if args.compile else model
 
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(args.batch, 3, cfg["image_res"], cfg["image_res"], generator=gen).to(device)
@@ -99,8 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    sync(device)
+    warmup_start = time.perf_counter()
     for _ in range(args.warmup):
         step()
+    sync(device)
+    warmup_s = time.perf_counter() - warmup_start  # with --compile: the compilation
     times = []
     for _ in range(args.steps):
         sync(device)
@@ -119,7 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
         step()
     flops = counter.get_total_flops()
     seconds = median(times)
-    peak = matmul_peak_flops(device, amp_dtype or torch.float32)
+    from engine.throughput import device_peak_flops, measured_matmul_flops
+
+    peak = measured_matmul_flops(device, amp_dtype or torch.float32, size=8192 if device.type == "cuda" else 2048,
+                                 repeats=5)
+
+    datasheet, datasheet_source = device_peak_flops(device, amp_dtype) if device.type == "cuda" else (None, None)
     record = {
         "benchmark": "train_step", "task": args.task, "size": args.size, "batch": args.batch, "amp": args.amp,
         "compile": args.compile, "grad_ckpt": args.grad_ckpt, "fused_adamw": args.fused, "device": str(device),
@@ -129,10 +141,44 @@ def main(argv: list[str] | None = None) -> dict:
         "step_live_peak_gb": None if live_peak is None else round(live_peak / 1e9, 3), "malloc": malloc_name(),
         "flops_per_step": flops, "achieved_tflops": round(flops / seconds / 1e12, 4),
         "matmul_peak_tflops": round(peak / 1e12, 4), "mfu": round(flops / seconds / peak, 4),
+        "mfu_vs_datasheet": None if datasheet is None else round(flops / seconds / datasheet, 4),
+        "datasheet_peak": datasheet_source, "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 2),
         "torch": torch.__version__,
     }
+    if args.profile and device.type == "cuda":
+        try:
+            record.update(profile_steps(step, device))
+        except Exception as err:  # noqa: BLE001 - the timings above stand without the profile
+            record["profile_error"] = f"{type(err).__name__}: {err}"
     emit(record)
     return record
+
+
+def profile_steps(step, device: torch.device, steps: int = 3, top: int = 12) -> dict:
+    """Kernel launches per step, GPU-busy share of the wall time (kernel time / step time: far under 1 means the
+    host - Python, dispatch, launches - bounds the step) and the kernels with the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time_total for e in kernels) if kernels and hasattr(kernels[0], "device_time_total") \
+        else sum(e.cuda_time_total for e in kernels)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:90], [0.0, 0])
+        entry[0] += getattr(e, "device_time_total", 0.0) or 0.0
+        entry[1] += 1
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    return {"profile_kernels_per_step": round(len(kernels) / steps),
+            "profile_gpu_busy_share": round(busy_us / 1e6 / wall, 3),
+            "profile_top_kernels_ms_per_step": {name: [round(t / 1e3 / steps, 3), round(n / steps)]
+                                                for name, (t, n) in ranked}}
 
 
 if __name__ == "__main__":

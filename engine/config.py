@@ -41,6 +41,8 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "best_metric": None,  # evaluate() key that picks checkpoint_best.pth ("val/r_mean" or "r_mean"); null = task's
         "best_mode": None,  # max | min; null = the task's best_mode
         "log_every_steps": 10,  # reduce and log the losses every N optimizer steps
+        "count_flops": True,  # count the first micro-batch's FLOPs (FlopCounterMode) to log train/mfu
+        "data_wait_warn_share": 0.2,  # warn (once an epoch) when a log window waited this share of it on data
         "ckpt_every_steps": 0,  # also write a resumable checkpoint every N optimizer steps (0 = epoch ends only)
         "keep_last_ckpts": 2,  # rolling checkpoint_<step>.pth files kept (best/last are kept apart)
         "nonfinite_max_consecutive": 5,  # consecutive skipped (non-finite) steps before the run stops

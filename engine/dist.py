@@ -19,6 +19,11 @@ def is_dist() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
+def backend_name() -> str:
+    """The process group's backend (nccl, gloo), or 'none' in a single process without one."""
+    return str(torch_dist.get_backend()) if is_dist() else "none"
+
+
 def get_rank() -> int:
     return torch_dist.get_rank() if is_dist() else 0
 
