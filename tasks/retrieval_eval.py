@@ -108,15 +108,35 @@ def encode_images(model: nn.Module, loader: DataLoader, device: torch.device, nu
     return image_embeds, image_feats
 
 
-def _cross_attend(layer: BertLayer, query: Tensor, image_kv: tuple[Tensor, Tensor], runs: list[tuple[int, int]]
-                  ) -> Tensor:
-    """Cross-attention context (B, Lq, D) of query states (B, Lq, D) whose rows come in runs of the same image:
-    ``runs`` = [(image index into image_kv, number of rows)]. The rows of one image are folded into one long query
-    sequence against that image's keys/values, read in place instead of copied per pair. Same maths as
-    BertSelfAttention in evaluation (no image mask: every image token is real)."""
+GATHERED_KV_BYTES = 1024**3  # on a GPU: at most this many bytes of per-row key/value copies in one attention call
+
+
+def gathers_kv(device: torch.device) -> bool:
+    """Whether cross-attention copies each row's image keys/values and attends in a few large calls (GPU: launches
+    are what costs, measured 77 s -> see benchmarks/README.md for 1000 x 5000 images x texts at k 128 on an H200)
+    rather than one call per image over its rows, reading the keys/values in place (CPU: memory traffic is what
+    costs). Same maths either way (tests/test_task_retrieval.py)."""
+    return device.type == "cuda"
+
+
+def _cross_attend(layer: BertLayer, query: Tensor, image_kv: tuple[Tensor, Tensor], images: Tensor,
+                  runs: list[tuple[int, int]] | None) -> Tensor:
+    """Cross-attention context (B, Lq, D) of query states (B, Lq, D) whose rows come sorted by image:
+    ``images`` (B,) the image (index into image_kv) of each row, ``runs`` = [(image, number of rows)] the same as
+    runs (None where `gathers_kv`). Same maths as BertSelfAttention in evaluation (no image mask: every image token
+    is real)."""
     attention = layer.crossattention.self
     key, value = image_kv  # (n_img, nh, S, hd) each
     batch, query_len, width = query.shape
+    if runs is None:  # gathers_kv: each row's keys/values copied, a few attention calls over many rows
+        heads = query.reshape(batch, query_len, attention.num_heads, attention.head_dim).transpose(1, 2)
+        rows = max(1, GATHERED_KV_BYTES // (2 * key[0].numel() * key.element_size()))
+        contexts = [F.scaled_dot_product_attention(heads[s:s + rows], key[images[s:s + rows]],
+                                                   value[images[s:s + rows]])  # (r, nh, Lq, hd)
+                    for s in range(0, batch, rows)]
+        return torch.cat(contexts).transpose(1, 2).reshape(batch, query_len, width)
+    # The rows of one image are folded into one long query sequence against that image's keys/values, read in place
+    # instead of copied per pair.
     contexts, start = [], 0
     for image, count in runs:
         folded = query[start:start + count].reshape(1, count * query_len, attention.num_heads, attention.head_dim)
@@ -137,8 +157,10 @@ def _match_pass(model: nn.Module, image_kv: ImageKV, images: Tensor, texts: Tens
     layers = text_bert.fusion_layers()
     by_image = torch.argsort(images, stable=True)  # the cross-attention wants the rows of one image together
     images, texts = images[by_image], texts[by_image]
-    run_images, run_counts = torch.unique_consecutive(images, return_counts=True)
-    runs = list(zip(run_images.tolist(), run_counts.tolist(), strict=True))
+    runs = None
+    if not gathers_kv(images.device):
+        run_images, run_counts = torch.unique_consecutive(images, return_counts=True)
+        runs = list(zip(run_images.tolist(), run_counts.tolist(), strict=True))
     unique_texts, inverse = torch.unique(texts, return_inverse=True)  # (U,), (B,)
     length = int(lengths[unique_texts].max())
     text_mask = additive_mask(text_masks[unique_texts, :length], text_embeds.dtype)  # (U, 1, 1, l)
@@ -157,7 +179,7 @@ def _match_pass(model: nn.Module, image_kv: ImageKV, images: Tensor, texts: Tens
             query = layer.crossattention.self.query(states)
         elif last:
             states, query = states[:, :1], query[:, :1]
-        context = _cross_attend(layer, query, image_kv[depth], runs)
+        context = _cross_attend(layer, query, image_kv[depth], images, runs)
         states = layer.crossattention.output(context, states)
         states = layer.output(layer.intermediate(states), states)
     logits = model.itm_head(states[:, 0, :])[:, 1]  # (B,) in image order

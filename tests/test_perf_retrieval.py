@@ -45,8 +45,16 @@ def top_k(sims: torch.Tensor, k: int) -> list[np.ndarray]:
     return [np.argsort(-row.numpy(), kind="stable")[:k] for row in sims]
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["per_image_kv", "gathered_kv"])
 @pytest.mark.parametrize("fusion_layer", [1, 2], ids=["two_fusion_layers", "one_fusion_layer"])
-def test_two_stage_scores_equal_one_pair_at_a_time(tmp_path: Path, fusion_layer: int) -> None:
+def test_two_stage_scores_equal_one_pair_at_a_time(tmp_path: Path, fusion_layer: int, gathered: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.retrieval_eval as retrieval_eval
+
+    # The GPU's way (each row's image keys/values copied, attention over many rows in a few calls), here on the CPU,
+    # with a chunk of 3 rows so that several chunks are joined.
+    monkeypatch.setattr(retrieval_eval, "gathers_kv", lambda device: gathered)
+    monkeypatch.setattr(retrieval_eval, "GATHERED_KV_BYTES", 3 * 2 * (2 * 5 * 16) * 4)  # K+V of (2 heads, 5 tokens, 16)
     model = model_with_fusion_from(tmp_path, fusion_layer)
     num_images, num_texts, k = 5, 12, 3
     images = torch.randn(num_images, 3, 32, 32, generator=torch.Generator().manual_seed(1))
