@@ -9,6 +9,8 @@ Sections, each in a subprocess of its own (a crash or a timeout in one leaves th
                  fused AdamW: samples/s, MFU (vs the measured matmul rate and the datasheet), max memory
   nccl           a one-process nccl process group: all_reduce of 256 MB bf16, broadcast, all_gather_object
   retrieval      the two-stage retrieval evaluation at base size (1000 images x 5000 texts, k_test 128, bf16)
+  retrieval_no_cudnn  the same with attention kept off cuDNN's kernels (which plan per shape; the re-rank's passes
+                 come in many shapes)
   data           the pretraining data pipeline: images/s of one worker and of DataLoaders with 8 and 16 workers
   entry          Pretrain.py itself (demo config, synthetic data, loader workers) on the device: the engine's logged
                  samples/s, data-wait share and MFU, and its start-up banner
@@ -35,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ["env", "train_eager", "nccl", "retrieval", "data", "entry", "train_profile", "train_compile",
-            "entry_compile"]
-TIMEOUT_S = {"env": 120, "train_eager": 180, "nccl": 90, "retrieval": 180, "data": 150, "entry": 180,
-             "train_profile": 120, "train_compile": 300, "entry_compile": 240}
+SECTIONS = ["env", "train_eager", "nccl", "retrieval", "retrieval_no_cudnn", "data", "entry", "train_profile",
+            "train_compile", "entry_compile"]
+TIMEOUT_S = {"env": 120, "train_eager": 180, "nccl": 90, "retrieval": 150, "retrieval_no_cudnn": 150, "data": 150,
+             "entry": 180, "train_profile": 120, "train_compile": 300, "entry_compile": 240}
 
 
 def _train_step_argv(dry: bool, compile_: bool) -> list[str]:
@@ -115,7 +117,7 @@ def section_nccl(dry: bool) -> dict[str, Any]:
             "all_reduce_ms": round(all_reduce_ms, 3), "collectives_ok": ok}
 
 
-def section_retrieval(dry: bool) -> dict[str, Any]:
+def section_retrieval(dry: bool, no_cudnn: bool) -> dict[str, Any]:
     from benchmarks import retrieval_eval
 
     if dry:
@@ -123,7 +125,7 @@ def section_retrieval(dry: bool) -> dict[str, Any]:
     else:
         argv = ["--size", "base", "--images", "1000", "--texts", "5000", "--k-test", "128", "--device", "cuda",
                 "--amp", "bf16", "--query-batch", "32"]
-    return retrieval_eval.main(argv)
+    return retrieval_eval.main(argv + (["--no-cudnn-sdpa"] if no_cudnn else []))
 
 
 def section_data(dry: bool) -> dict[str, Any]:
@@ -191,8 +193,8 @@ def run_section(name: str, dry: bool) -> dict[str, Any]:
         return section_train(dry, compile_=False, extra=("--profile", "--steps", "2", "--warmup", "2"))
     if name == "nccl":
         return section_nccl(dry)
-    if name == "retrieval":
-        return section_retrieval(dry)
+    if name in ("retrieval", "retrieval_no_cudnn"):
+        return section_retrieval(dry, no_cudnn=name == "retrieval_no_cudnn")
     if name == "data":
         return section_data(dry)
     if name in ("entry", "entry_compile"):

@@ -13,6 +13,7 @@ between 8 and 15, few beyond 20. ``--caption-words 29-29`` gives every text the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast, as the engine evaluates")
+    parser.add_argument("--no-cudnn-sdpa", action="store_true",
+                        help="attention through flash / memory-efficient / math kernels only (cuDNN's left out)")
     parser.add_argument("--reference-style", action="store_true")
     parser.add_argument("--count-flops", action="store_true",
                         help="re-run the re-ranking (both ways with --reference-style) under FlopCounterMode")
@@ -115,7 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
               "mean_tokens": round(float(mask.sum(1).float().mean()), 2), "query_batch": args.query_batch,
               "device": str(device), "amp": args.amp, "threads": torch.get_num_threads()}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-    with torch.no_grad(), autocast:
+    record["no_cudnn_sdpa"] = args.no_cudnn_sdpa
+    kernels = contextlib.nullcontext()
+    if args.no_cudnn_sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernels = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    with torch.no_grad(), autocast, kernels:
         image_embeds, record["encode_images_s"] = timed(encode_images)
         image_feats = model.image_feat(image_embeds)
         (text_embeds, text_feats), record["encode_texts_s"] = timed(lambda: encode_text_ids(model, ids, mask))

@@ -125,11 +125,12 @@ def test_gpu_check_dry_runs_every_section_on_cpu(tmp_path):
     results = gpu_check.main(["--dry", "--out", str(out), "--skip", "train_compile,entry_compile"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results, default=str))
     sections = results["sections"]
-    assert list(sections) == ["env", "train_eager", "nccl", "retrieval", "data", "entry"]
+    assert list(sections) == ["env", "train_eager", "nccl", "retrieval", "retrieval_no_cudnn", "data", "entry",
+                              "train_profile"]
     assert all(rec["status"] == "ok" for rec in sections.values()), {k: v.get("error") for k, v in sections.items()}
     assert sections["train_eager"]["samples_per_s"] > 0 and sections["train_eager"]["flops_per_step"] > 0
     assert sections["nccl"]["collectives_ok"] and sections["nccl"]["backend"] == "gloo"
-    assert sections["retrieval"]["total_s"] > 0
+    assert sections["retrieval"]["total_s"] > 0 and sections["retrieval_no_cudnn"]["no_cudnn_sdpa"]
     assert sections["data"]["loader_images_per_s"]["2"] > 0
     entry = sections["entry"]
     assert entry["returncode"] == 0 and entry["banner"] and entry["samples_per_s"] > 0 and entry["mfu"] > 0
