@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import optim
+    from engine.trainer import compile_model
     from models import create_model
     from models.albef import SpecialTokens
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = optim.create_optimizer({"lr": 1e-4, "weight_decay": 0.02, "fused": fused}, model)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    step_model = torch.compile(model, backend=args.compile_backend) if args.compile else model
+    step_model = compile_model(model, args.compile_backend, "default") if args.compile else model  # as train.compile
 
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(args.batch, 3, cfg["image_res"], cfg["image_res"], generator=gen).to(device)
