@@ -1,9 +1,23 @@
-"""The DataLoader factory: a resumable distributed sampler, persistent workers, pinned memory, prefetching."""
+"""The DataLoader factory: a resumable distributed sampler, persistent workers, pinned memory, prefetching.
+
+Preemption: a SIGTERM or SIGINT meant for the training process must not kill its loader workers first. torchrun
+forwards the signal to each rank's whole process group (the rank and its workers), SLURM signals every process of a job
+step, and `timeout` or a terminal's Ctrl-C signal a process group. A worker that died of it would make the main process
+raise "DataLoader worker ... is killed by signal" in the middle of a step, before the engine could save. So the
+workers of `create_loader` take no part in those signals: they hold SIGTERM and SIGINT blocked from the moment they are
+forked, and a thread in each consumes them (`_absorb_stop_signals`). They still stop when the loader shuts them down (a
+done-event, then the parent's own SIGTERM for a worker that does not answer: that one is obeyed, as in torch's own
+worker handler), when the parent dies (torch's worker watchdog; a SIGTERM then is obeyed too), and at the parent's
+exit (multiprocessing terminates its daemon children, again the parent's SIGTERM).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cv2
@@ -13,9 +27,43 @@ from torch.utils.data import DataLoader, Dataset
 from dataset.sampler import ResumableDistributedSampler
 from engine import dist
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the preemption signals that workers leave to the main process
 
-def init_worker(worker_id: int) -> None:
-    """One torch thread per worker: the workers already run in parallel with each other.
+
+def _absorb_stop_signals(main_pid: int) -> None:
+    """In a loader worker: block SIGTERM/SIGINT and consume them on a daemon thread, which ends the worker (exit 0, as
+    torch's own worker handler does) only for a SIGTERM from the main process (its shutdown) or once that is gone.
+
+    Blocked in every thread of the worker (threads started later inherit the mask), the signals go only to that
+    thread's sigwaitinfo: neither torch's C handler (which re-raises a SIGTERM from anyone but the parent, killing
+    the worker) nor a Python handler runs.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    start_ppid = os.getppid()
+
+    def main_gone() -> bool:
+        if os.getppid() != start_ppid:
+            return True  # reparented: the process that started this worker has exited
+        try:
+            os.kill(main_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return True  # the pid now belongs to another user's process
+        return False
+
+    def absorb() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and (info.si_pid == main_pid or main_gone()):
+                os._exit(0)  # exit 0: a non-zero status would make the main process's SIGCHLD handler raise
+
+    threading.Thread(target=absorb, name="stop_signal_absorber", daemon=True).start()
+
+
+def init_worker(worker_id: int, main_pid: int | None = None) -> None:
+    """One torch thread per worker: the workers already run in parallel with each other; stop signals are left to the
+    main process (see the module docstring).
 
     OpenCV's thread count is not set here: cv2.setNumThreads in a forked child can deadlock on the parent's thread
     pool (a condition variable with waiters that do not exist in the child). create_loader sets it in the parent,
@@ -23,6 +71,31 @@ def init_worker(worker_id: int) -> None:
     """
     del worker_id  # same setting for every worker
     torch.set_num_threads(1)
+    _absorb_stop_signals(os.getppid() if main_pid is None else main_pid)
+
+
+class SignalSafeLoader(DataLoader):
+    """A DataLoader whose worker processes start with SIGTERM/SIGINT blocked: forked while the main process blocks them,
+    they cannot die of a signal between their start and `init_worker` (signals sent to this process meanwhile are
+    delivered when iter() returns)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.num_workers == 0:
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop the worker processes that a loader with persistent workers keeps between epochs (they would otherwise
+    live until the loader is garbage-collected or the interpreter exits); the next iter() starts new ones."""
+    iterator = getattr(loader, "_iterator", None)  # torch keeps the persistent workers' iterator there
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def create_loader(
@@ -64,7 +137,7 @@ def create_loader(
         cv2.setNumThreads(1)
         # The collators tokenize inside the workers; the Rust tokenizer's own thread pool would oversubscribe too.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return DataLoader(
+    return SignalSafeLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -74,5 +147,5 @@ def create_loader(
         drop_last=drop_last,
         persistent_workers=workers,
         prefetch_factor=prefetch_factor if workers else None,
-        worker_init_fn=init_worker if workers else None,
+        worker_init_fn=functools.partial(init_worker, main_pid=os.getpid()) if workers else None,
     )
