@@ -17,10 +17,21 @@ VENV="${ALIGNFUSE_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 
 setup() {
-  # The stamp holds a hash of what we install: unchanged -> nothing to do.
+  # The stamp holds a hash of what we install: unchanged -> nothing to do. Concurrent calls (every node of a SLURM
+  # job starts run.sh at once, on a shared file system) take turns on a lock in the venv folder: one installs, the
+  # others wait and then find the stamp.
   local want stamp="$VENV/.alignfuse-installed"
   want="$(cat pyproject.toml run.sh | sha256sum | cut -d' ' -f1)"
-  if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  installed() { [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }
+  installed && return 0
+  mkdir -p "$VENV"
+  exec 9>"$VENV/.alignfuse-setup.lock"
+  if command -v flock >/dev/null 2>&1 && ! flock -n 9; then  # (no flock, e.g. macOS: no lock)
+    echo "[run.sh] another setup is installing into $VENV: waiting for it"
+    flock 9
+  fi
+  if installed; then
+    exec 9>&-
     return 0
   fi
   echo "[run.sh] installing into $VENV (first time: several minutes)"
@@ -36,6 +47,7 @@ setup() {
   fi
   "$PY" -c "import torch, torchvision, timm, transformers, cv2, deepspeed; print('[run.sh] torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
   echo "$want" > "$stamp"
+  exec 9>&-  # the lock goes with the descriptor
 }
 
 malloc_lib() {
@@ -70,7 +82,8 @@ launch() {
   local ngpu
   ngpu="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
   local nproc="${NPROC_PER_NODE:-$([ "$ngpu" -gt 0 ] && echo "$ngpu" || echo 1)}"
-  exec "$VENV/bin/torchrun" \
+  # engine.launch is torchrun, except that it exits 0 when a stop signal ended every rank cleanly (torchrun exits 1).
+  exec "$PY" -m engine.launch \
     --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$nproc" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
     ${MAX_RESTARTS:+--max-restarts="$MAX_RESTARTS"} \

@@ -34,14 +34,18 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def pretrain_flags(data: Path, out: Path, *flags: str) -> list[str]:
+    """Pretrain.py's flags: the demo config shrunk to MAX_STEPS steps of batch 4 per rank, 2 loader workers."""
+    return ["--config", str(REPO / "configs" / "demo" / "Pretrain.yaml"), "--output_dir", str(out), "--device", "cpu",
+            *flags, "--opts", f"data.train_file=[{data / 'pretrain.json'}]", "data.eval_file=",
+            f"model.tokenizer={data / 'vocab.txt'}", "data.batch_size=4", "data.num_workers=2", "model.queue_size=32",
+            "scheduler.warmup_steps=2", "train.epochs=100", f"train.max_steps={MAX_STEPS}", "train.log_every_steps=1"]
+
+
 def launch(data: Path, out: Path, *flags: str) -> subprocess.Popen:
     """Pretrain.py through `python -m engine.launch` (what run.sh runs), in a session of its own."""
     cmd = [sys.executable, "-m", "engine.launch", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "Pretrain.py"), "--config", str(REPO / "configs" / "demo" / "Pretrain.yaml"),
-           "--output_dir", str(out), "--device", "cpu", *flags, "--opts", f"data.train_file=[{data / 'pretrain.json'}]",
-           "data.eval_file=", f"model.tokenizer={data / 'vocab.txt'}", "data.batch_size=4", "data.num_workers=2",
-           "model.queue_size=32", "scheduler.warmup_steps=2", "train.epochs=100", f"train.max_steps={MAX_STEPS}",
-           "train.log_every_steps=1"]
+           str(REPO / "Pretrain.py"), *pretrain_flags(data, out, *flags)]
     return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
