@@ -206,6 +206,18 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 
+@torch.no_grad()
+def all_gather_equal(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along dim 0 (no grad) when every rank holds the same shape, as in a training
+    step: one collective and no host sync (`all_gather_tensor` first exchanges the lengths and reads them on the
+    host, which would also split a compiled step's graph there)."""
+    if not is_dist():
+        return tensor.detach()
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    torch_dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns this rank's slice of the summed (over ranks) incoming gradients.
 

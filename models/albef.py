@@ -262,14 +262,14 @@ class AlbefBase(nn.Module):
     def dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor, idx: Tensor | None = None) -> None:
         """Write the features of the whole global batch (gathered from every rank, in rank order) at the queue
         pointer, wrapping around; pointer arithmetic stays on the device (no host sync)."""
-        image_feats = dist.all_gather_tensor(image_feat)  # (B_global, E)
-        text_feats = dist.all_gather_tensor(text_feat)
+        image_feats = dist.all_gather_equal(image_feat)  # (B_global, E); every rank holds a full batch
+        text_feats = dist.all_gather_equal(text_feat)
         size = self.image_queue.shape[1]
         slots = (self.queue_ptr + torch.arange(image_feats.shape[0], device=self.queue_ptr.device)) % size
         self.image_queue.index_copy_(1, slots, image_feats.T.to(self.image_queue.dtype))
         self.text_queue.index_copy_(1, slots, text_feats.T.to(self.text_queue.dtype))
         if idx is not None:
-            idxs = dist.all_gather_tensor(idx.view(-1))
+            idxs = dist.all_gather_equal(idx.view(-1))
             self.idx_queue.index_copy_(1, slots, idxs.view(1, -1))
         self.queue_ptr.copy_((self.queue_ptr + image_feats.shape[0]) % size)
 
@@ -377,7 +377,7 @@ class AlbefBase(nn.Module):
                 idx_all = torch.cat([idx.view(1, -1), self.idx_queue.clone().detach()], dim=1)  # (1, B+Q)
                 positive = torch.eq(idx.view(-1, 1), idx_all).float()
                 targets = positive / positive.sum(dim=1, keepdim=True)
-            if alpha > 0:
+            if distilling(alpha):
                 sim_i2t_m = image_feat_m @ text_feat_all / self.temp
                 sim_t2i_m = text_feat_m @ image_feat_all / self.temp
                 targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * targets
@@ -456,7 +456,7 @@ class AlbefBase(nn.Module):
         # and no Python branch on M, which torch.compile only knows when the step runs.
         count = scored.sum().clamp(min=1)
         loss = F.cross_entropy(logits, targets, reduction="sum") / count
-        if image_embeds_m is not None and alpha > 0:
+        if image_embeds_m is not None and distilling(alpha):
             with torch.no_grad():
                 hidden_m = self.text_encoder_m.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds_m,
                                                     mode="multi_modal")
@@ -464,6 +464,13 @@ class AlbefBase(nn.Module):
             distill = -(F.log_softmax(logits, dim=-1) * soft).sum() / count
             loss = (1 - alpha) * loss + alpha * distill
         return loss
+
+
+def distilling(alpha: float | Tensor) -> bool:
+    """Whether momentum distillation enters the losses: for a float alpha when it is above 0; for a 0-d tensor alpha
+    (what tasks pass under train.compile, so that the warm-up ramp is an input of the compiled step, not a constant
+    that each new value recompiles) always: at alpha 0 the mixes (1 - alpha) * a + alpha * b are exactly a."""
+    return isinstance(alpha, Tensor) or alpha > 0
 
 
 def ramp_alpha(alpha: float, warm_up: bool, epoch: int, iter_in_epoch: int, iters_per_epoch: int) -> float:
