@@ -106,8 +106,9 @@ def compile_model(model: nn.Module, backend: str, mode: str) -> nn.Module:
     Tasks pad training texts to data.max_tokens under compile (one text shape). What still varies from step to step is
     data-dependent, e.g. how many tokens MLM masked: such boolean-mask gathers are captured into the graph with a
     symbolic size instead of splitting it there (torch graph-breaks on them by default, and every piece after a break
-    is recompiled for each new size). So a step is one graph, compiled on the first compiled step and again at most
-    once when a float input such as the distillation alpha first changes (it then becomes a symbol)."""
+    is recompiled for each new size). Tasks pass the distillation alpha as a tensor (AlbefTask.alpha). So a step is one
+    graph, compiled on the first compiled step, and at most once more when a size that differs between batches (VQA's
+    answer count) first changes: that dimension then becomes a symbol."""
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.albef import AlbefBase, SpecialTokens, resample_image_pos_embeds, strip_bert_prefix
+from models.albef import AlbefBase, SpecialTokens, distilling, resample_image_pos_embeds, strip_bert_prefix
 from models.heads import mlp_head
 
 
@@ -31,7 +31,7 @@ class AlbefClassifier(AlbefBase):
                 alpha: float = 0.0) -> dict[str, Tensor]:
         prediction = self.logits(image, input_ids, attention_mask)
         loss = F.cross_entropy(prediction, targets)
-        if self.cfg["distill"] and alpha > 0:
+        if self.cfg["distill"] and distilling(alpha):
             self.momentum_update()
             prediction_m = self.logits(image, input_ids, attention_mask, momentum=True).detach()
             soft = -(F.log_softmax(prediction, dim=1) * F.softmax(prediction_m, dim=1)).sum(dim=1).mean()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.albef import AlbefBase, SpecialTokens, resample_image_pos_embeds
+from models.albef import AlbefBase, SpecialTokens, distilling, resample_image_pos_embeds
 from models.xbert import decoder_nll
 
 _ENCODER_KEY = re.compile(r"^(text_encoder(?:_m)?)\.bert\.(.*)$")
@@ -56,7 +56,7 @@ class AlbefVQA(AlbefBase):
         states_mask = attention_mask.repeat_interleave(answers_per_question, dim=0)
         labels = answer_ids.masked_fill(answer_ids == self.special.pad, -100)
         soft_labels = None
-        if self.cfg["distill"] and alpha > 0:
+        if self.cfg["distill"] and distilling(alpha):
             with torch.no_grad():
                 self.momentum_update()
                 states_m = self.encode_question(image, input_ids, attention_mask, momentum=True)

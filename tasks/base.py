@@ -185,12 +185,16 @@ class AlbefTask(Task):
             out[key] = value
         return out
 
-    def alpha(self, progress: Progress) -> float:
+    def alpha(self, progress: Progress) -> float | torch.Tensor:
+        """This step's distillation weight (ALBEF's warm-up ramp). Under train.compile a 0-d tensor on the device
+        (torch.full: a fill kernel, no copy from the host): a Python float would be a constant of the compiled step,
+        which each new value of the ramp would recompile (models.albef.distilling)."""
         model_cfg = self.config.model
         if not model_cfg.distill:
             return 0.0
-        return ramp_alpha(float(model_cfg.alpha), bool(model_cfg.warm_up), progress.epoch, progress.iter_in_epoch,
-                          progress.iters_per_epoch)
+        value = ramp_alpha(float(model_cfg.alpha), bool(model_cfg.warm_up), progress.epoch, progress.iter_in_epoch,
+                           progress.iters_per_epoch)
+        return torch.full((), value, device=self.device) if self.config.train.compile else value
 
 
 def load_task_checkpoint(model: nn.Module, path: str | Path, evaluate: bool = False,

@@ -49,18 +49,17 @@ def run_compiled(monkeypatch, main, config: str, out: Path, *opts: str) -> tuple
     return [r for r in records if "train/total_loss" in r], tokenised
 
 
-def check_compiled_run(steps: list[dict], loss_names: list[str]) -> None:
+def check_compiled_run(steps: list[dict], loss_names: list[str], max_compiles: int) -> None:
+    """4 steps with finite losses, the 3 or 4 compiled ones (the first runs eagerly when the engine counts its FLOPs)
+    compiled at most ``max_compiles`` times, as one graph: a recompile per step would be 3 or 4 here."""
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for record in steps:
         for name in loss_names:
             assert math.isfinite(record[f"train/{name}"]), (record["step"], name, record[f"train/{name}"])
-    # Compiled steps (the first step runs eagerly when the engine counts its FLOPs): one capture of the whole step,
-    # plus at most one recompile, when the distillation alpha (a float that ramps in the first epoch) or a
-    # data-dependent size first changes and becomes a symbol. A recompile per step would be 3 or 4 here.
     frames = counters["frames"]
-    assert 1 <= frames["total"] <= 2 and frames["ok"] == frames["total"], dict(frames)
+    assert 1 <= frames["total"] <= max_compiles and frames["ok"] == frames["total"], dict(frames)
     assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per step, not pieces
-    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] <= max_compiles, dict(counters["stats"])
 
 
 def test_compiled_pretraining_with_varying_caption_lengths(synthetic_dir, tmp_path, monkeypatch):
@@ -69,7 +68,8 @@ def test_compiled_pretraining_with_varying_caption_lengths(synthetic_dir, tmp_pa
     steps, tokenised = run_compiled(
         monkeypatch, main, "Pretrain.yaml", tmp_path / "pretrain", f"model.tokenizer={synthetic_dir / 'vocab.txt'}",
         f"data.train_file=[{synthetic_dir / 'pretrain.json'}]", "data.eval_file=")
-    check_compiled_run(steps, ["loss_ita", "loss_itm", "loss_mlm", "total_loss"])
+    # One compile: texts padded, the masked-token count a symbol, the ramping distillation alpha a tensor input.
+    check_compiled_run(steps, ["loss_ita", "loss_itm", "loss_mlm", "total_loss"], max_compiles=1)
     assert len(tokenised) >= 4
     assert {width for _, _, width, _ in tokenised} == {MAX_TOKENS}  # under compile every batch is padded to max_tokens
     assert len({longest for *_, longest in tokenised[:4]}) >= 2, tokenised  # ... although their captions differ
@@ -83,7 +83,8 @@ def test_compiled_vqa_with_varying_question_lengths_and_answer_counts(synthetic_
         monkeypatch, main, "VQA.yaml", tmp_path / "vqa", f"model.tokenizer={s / 'vocab.txt'}",
         f"data.train_file=[{s / 'vqa_train.json'}]", f"data.image_root={s / 'images'}", f"data.vg_root={s / 'images'}",
         f"data.answer_list={s / 'answer_list.json'}", "data.val_file=", "data.test_file=", "data.max_answer_tokens=6")
-    check_compiled_run(steps, ["loss_vqa", "total_loss"])
+    # One recompile at most: when the number of answers first changes, that dimension becomes a symbol.
+    check_compiled_run(steps, ["loss_vqa", "total_loss"], max_compiles=2)
     questions = [entry for entry in tokenised if entry[0] == MAX_TOKENS]
     answers = [entry for entry in tokenised if entry[0] == 6]
     assert len(questions) >= 4 and len(answers) == len(questions)
@@ -96,7 +97,7 @@ def test_compiled_pretraining_step_equals_eager(tmp_path):
     """The memory-saving layers (models.layers' autograd Functions: ViT LeanBlock, the lean MLPs, the tied decoder;
     the ITC loss that forms its gradient in forward) are traced into the compiled graph; the sparse word-embedding
     gradient is off there. Compiled, one pretraining step gives the eager losses and gradients (dropout off, same
-    negatives and masks)."""
+    negatives and masks; alpha a tensor, as tasks pass it under compile, against a float)."""
     from models import create_model
     from models.albef import mask_tokens
     from tests.test_models import SPECIAL, tiny_batch, tiny_cfg
@@ -108,15 +109,15 @@ def test_compiled_pretraining_step_equals_eager(tmp_path):
     compiled = copy.deepcopy(eager)
     image, ids, mask = tiny_batch()
     mlm_ids, mlm_labels = mask_tokens(ids, SPECIAL, 0.5, generator=torch.Generator().manual_seed(0))
-    inputs = {"alpha": 0.4, "neg_image_for_text": torch.tensor([1, 2, 3, 0]),
-              "neg_text_for_image": torch.tensor([3, 0, 1, 2]), "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels}
+    inputs = {"neg_image_for_text": torch.tensor([1, 2, 3, 0]), "neg_text_for_image": torch.tensor([3, 0, 1, 2]),
+              "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels}
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
         step = compile_model(compiled, "aot_eager", "default")
-        compiled_losses = step(image, ids, mask, **inputs)
+        compiled_losses = step(image, ids, mask, alpha=torch.tensor(0.4), **inputs)
         sum(compiled_losses.values()).backward()
-    eager_losses = eager(image, ids, mask, **inputs)
+    eager_losses = eager(image, ids, mask, alpha=0.4, **inputs)
     sum(eager_losses.values()).backward()
     assert counters["frames"]["ok"] == 1 and not counters["graph_break"]
     for name, value in eager_losses.items():
