@@ -28,6 +28,8 @@ from dataset.sampler import ResumableDistributedSampler
 from engine import dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the preemption signals that workers leave to the main process
+# sigwaitinfo is missing on macOS (and Windows): there the workers only ignore SIGINT and keep torch's SIGTERM rule.
+CAN_ABSORB = hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")
 
 
 def _absorb_stop_signals(main_pid: int) -> None:
@@ -38,6 +40,9 @@ def _absorb_stop_signals(main_pid: int) -> None:
     thread's sigwaitinfo: neither torch's C handler (which re-raises a SIGTERM from anyone but the parent, killing
     the worker) nor a Python handler runs.
     """
+    if not CAN_ABSORB:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     start_ppid = os.getppid()
 
@@ -77,10 +82,11 @@ def init_worker(worker_id: int, main_pid: int | None = None) -> None:
 class SignalSafeLoader(DataLoader):
     """A DataLoader whose worker processes start with SIGTERM/SIGINT blocked: forked while the main process blocks them,
     they cannot die of a signal between their start and `init_worker` (signals sent to this process meanwhile are
-    delivered when iter() returns)."""
+    delivered when iter() returns). That holds for the fork start method (Linux's default before Python 3.14); workers
+    started by a forkserver or spawned are covered from `init_worker` on."""
 
     def __iter__(self) -> Iterator[Any]:
-        if self.num_workers == 0:
+        if self.num_workers == 0 or not CAN_ABSORB:  # blocked without an absorber, even the shutdown SIGTERM would wait
             return super().__iter__()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
