@@ -125,7 +125,10 @@ def interrupt_resume_and_compare(data: Path, out: Path, reference: dict[str, tor
     workers = [pid for pid in pids if comm(pid) == "pt_data_worker"]
     assert len(workers) == 4, f"expected 2 ranks x 2 loader workers, found {[(p, comm(p)) for p in pids]}"
     for pid in pids if everyone else [proc.pid]:
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:  # a short-lived helper process of torch, gone since it was listed
+            pass
     rc, output = finish(proc, timeout=120)
     assert rc == 0, output[-4000:]
     assert "killed by signal" not in output and "PeerFailure" not in output, output[-4000:]
