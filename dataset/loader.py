@@ -24,8 +24,8 @@ import cv2
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common import dist
 from dataset.sampler import ResumableDistributedSampler
-from engine import dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the preemption signals that workers leave to the main process
 # sigwaitinfo is missing on macOS (and Windows): there the workers only ignore SIGINT and keep torch's SIGTERM rule.

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import Sampler
 
-from engine import dist
+from common import dist
 
 
 class ResumableDistributedSampler(Sampler):

@@ -14,12 +14,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
 import tempfile
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import dist
+from common import dist
+from common.checkpoint_file import load_checkpoint_file  # re-exported: the engine's callers read files through it
 
 log = logging.getLogger("alignfuse")
 
@@ -109,6 +109,24 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
+def write_on_main(write: Callable[[], None]) -> None:
+    """Run rank 0's checkpoint writes, then share the outcome with every rank (this is also their barrier).
+
+    A failed write (disk full, permissions) raises the OSError on rank 0 and an OSError quoting it on the other
+    ranks, so the whole job stops at the failing save instead of the others waiting in their next collective.
+    """
+    error: OSError | None = None
+    try:
+        write()
+    except OSError as err:
+        error = err
+    message = dist.broadcast_object(str(error) if error is not None else None)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise OSError(f"rank 0 failed to write a checkpoint: {message}")
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Make `dst` the same content as `src` atomically: a hard link when the filesystem allows, else a copy."""
     if not dist.is_main():
@@ -138,60 +156,6 @@ def remove_temp_files(output_dir: str | Path) -> list[Path]:
         log.warning("removed %d unfinished checkpoint temp file(s) of an interrupted save: %s", len(stale),
                     ", ".join(p.name for p in stale))
     return stale
-
-
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-_OPERAND = re.compile(r"Unsupported operand (\d+)")
-RESAVE_HINT = ("if it comes from a source you trust, re-save only its weights "
-               "(torch.save({'model': model.state_dict()}, 'weights.pth')); otherwise do not use it")
-
-
-def _refusal(path: Path, err: BaseException) -> ValueError:
-    """Our message for a file that torch.load(weights_only=True) did not load: why, and what to do (not torch's
-    advice to load it with weights_only=False, which would run whatever the file holds)."""
-    text = str(err)
-    named = _GLOBAL.search(text)
-    operand = _OPERAND.search(text)
-    if named is not None:
-        return ValueError(
-            f"checkpoint {path} was refused: it holds the Python object {named.group(1)}, and unpickling objects "
-            "could run code, so nothing in it was loaded (AlignFuse loads only tensors, numbers, strings, lists and "
-            f"dicts: torch.load(weights_only=True)); {RESAVE_HINT}")
-    if operand is not None or isinstance(err, pickle.UnpicklingError):
-        detail = f"unsupported pickle operand {operand.group(1)}" if operand else _first_line(err)
-        return ValueError(
-            f"checkpoint {path} was refused: it is corrupt or not a torch checkpoint (a raw pickle or another "
-            f"format: {detail}), and nothing in it was run; expected a file written by torch.save")
-    if path.stat().st_size == 0:
-        return ValueError(f"checkpoint {path} is corrupt: the file is empty (0 bytes); was its copy or save cut off?")
-    return ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(err).__name__}: "
-                      f"{_first_line(err)}); expected a file written by torch.save")
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """torch.load(path, map_location='cpu', weights_only=True), with clear errors.
-
-    A file that needs arbitrary unpickling (custom classes, functions) is refused with a ValueError naming the object
-    and never executed; a damaged or foreign file is a ValueError too.
-    """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"checkpoint {path} {what}")
-    try:
-        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it is about to refuse
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file fails anywhere inside the unpickler (EOFError, KeyError, ...)
-        raise _refusal(path, err) from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path}: expected a dict at the top level, got {type(state).__name__}")
-    return state
 
 
 MIN_FILLED_SHARE = 0.5  # a --checkpoint must fill at least this share of the model's parameters (elements)
@@ -303,6 +267,21 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]
         except ValueError as err:
             log.warning("resume auto: skipping %s: %s", path, err)
     return None
+
+
+def resume_source(resume: str | None, output_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint --resume names (a path, or 'auto': the newest in output_dir) with its state; None for a fresh
+    run. Collective under 'auto': rank 0 picks, every rank loads the same file."""
+    if not resume:
+        return None
+    if resume != "auto":
+        return Path(resume), load_checkpoint_file(resume)
+    found = find_resume_checkpoint(output_dir) if dist.is_main() else None
+    path = dist.broadcast_object(str(found[0]) if found else None)
+    if path is None:
+        log.info("resume auto: no checkpoint in %s, starting fresh", output_dir)
+        return None
+    return Path(path), found[1] if found else load_checkpoint_file(path)
 
 
 def prune_rolling(output_dir: str | Path, keep: int) -> None:

@@ -41,7 +41,7 @@ def _innermost(tb: TracebackType) -> TracebackType:
 
 
 # Where AlignFuse's own code lives below REPO (also when REPO is a site-packages folder, beside other libraries).
-OWN_PACKAGES = frozenset({"engine", "models", "dataset", "optim", "scheduler", "metrics", "tasks", "refTools",
+OWN_PACKAGES = frozenset({"common", "engine", "models", "dataset", "optim", "scheduler", "metrics", "tasks", "refTools",
                           "vqaTools", "tools", "benchmarks", "tests"})
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from engine.checkpoint import load_checkpoint_file  # a leaf like engine.dist: torch.load with weights_only + messages
+from common.checkpoint_file import load_checkpoint_file  # a leaf: torch.load with weights_only + clear messages
 from models.albef import MODEL_DEFAULTS, SpecialTokens
 
 log = logging.getLogger(__name__)

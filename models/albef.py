@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine import dist
+from common import dist
 from models.vit import create_vit
 from models.xbert import BertConfig, BertLMHeadModel, BertModel, init_bert_weights, select_image_kv
 
