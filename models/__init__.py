@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from common.checkpoint_file import load_checkpoint_file  # a leaf: torch.load with weights_only + clear messages
 from models.albef import MODEL_DEFAULTS, SpecialTokens
+from models.layers import apply_memory_efficient
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def create_model(task: str, cfg: dict[str, Any], tokenizer: Any = None,
     if special is None:
         special = SpecialTokens.from_tokenizer(tokenizer) if tokenizer is not None else SpecialTokens()
     model = model_class(task)(cfg, special)
+    if getattr(model, "memory_efficient", False):  # model.memory_efficient, resolved by the model (models.layers)
+        apply_memory_efficient(model)
     if hasattr(model, "copy_params_to_momentum"):
         model.copy_params_to_momentum()
     return model

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common import dist
+from models.layers import resolve_memory_efficient, soft_contrastive_loss
 from models.vit import create_vit
 from models.xbert import BertConfig, BertLMHeadModel, BertModel, init_bert_weights, select_image_kv
 
@@ -53,6 +54,9 @@ MODEL_DEFAULTS: dict[str, Any] = {
     # init on captions that fit many images, the hardest negatives are often true matches and ITM learns nothing.
     "itm_random_negatives": 0.0,
     "grad_checkpointing": False,  # activation checkpointing in both encoders
+    # auto | true | false: build with models.layers' memory-efficient layers (same maths, less activation memory,
+    # more kernels). auto: on where no CUDA device is present (CPU fp32 training), off beside a GPU (host-bound there).
+    "memory_efficient": "auto",
 }
 
 
@@ -91,38 +95,6 @@ def momentum_update(online: list[nn.Parameter], momentum: list[nn.Parameter], fa
     with torch.no_grad():
         torch._foreach_mul_(momentum, factor)
         torch._foreach_add_(momentum, online, alpha=1.0 - factor)
-
-
-class _BankContrastive(torch.autograd.Function):
-    """Cross-entropy of the logits ``feat @ bank / temp`` (B, C) against target distributions (B, C), averaged over
-    rows, with its gradient formed in forward.
-
-    The bank (E, C) holds this batch's momentum features and the whole queue (67 MB per modality at ALBEF's size).
-    Autograd would keep it for the backward of the matmul, where the queue itself can no longer be used (it is
-    overwritten in place right after the loss), so a copy would live until backward, at the step's memory peak.
-    Forming d loss / d feat and d loss / d temp here keeps two small results instead: same maths, 134 MB less."""
-
-    @staticmethod
-    def forward(ctx: Any, feat: Tensor, temp: Tensor, bank: Tensor, targets: Tensor) -> Tensor:
-        sim = feat @ bank / temp  # (B, C)
-        log_p = F.log_softmax(sim, dim=1)
-        loss = -(log_p * targets).sum(dim=1).mean()
-        # d loss / d sim of the row-averaged soft cross-entropy; then sim = feat @ bank / temp gives the rest.
-        grad_sim = (log_p.exp() * targets.sum(dim=1, keepdim=True) - targets) / feat.shape[0]
-        ctx.save_for_backward((grad_sim @ bank.t() / temp).to(feat.dtype),
-                              (-(grad_sim * sim).sum() / temp).to(temp.dtype))
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        grad_feat, grad_temp = ctx.saved_tensors
-        return grad_loss * grad_feat, grad_loss * grad_temp, None, None
-
-
-def soft_contrastive_loss(feat: Tensor, temp: Tensor, bank: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy of the similarity logits ``feat @ bank / temp`` (B, C) against target distributions (B, C)
-    (rows summing to 1 or not), averaged over rows; differentiable in ``feat`` and ``temp``, not in ``bank``."""
-    return _BankContrastive.apply(feat, temp, bank, targets)
 
 
 def sample_hard_negatives(sim: Tensor, positive: Tensor, eps: float, random_share: float = 0.0) -> Tensor:
@@ -199,6 +171,8 @@ class AlbefBase(nn.Module):
             raise ValueError(f"model.itm_random_negatives must be in [0, 1], got {self.cfg['itm_random_negatives']}")
         if self.cfg["grad_checkpointing"]:
             self.visual_encoder.set_grad_checkpointing(True)
+        # Applied by create_model once the subclass has built every module (models.layers.apply_memory_efficient).
+        self.memory_efficient = resolve_memory_efficient(self.cfg["memory_efficient"])
 
     # ---- building blocks -------------------------------------------------------------------------------------------
     @property
@@ -441,16 +415,15 @@ class AlbefBase(nn.Module):
 
     def mlm_loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor, image_embeds: Tensor,
                  image_embeds_m: Tensor | None, alpha: float, image_kv: list | None = None,
-                 hidden: Tensor | None = None, decoder_weight: Tensor | None = None) -> Tensor:
+                 hidden: Tensor | None = None) -> Tensor:
         """Masked language modelling conditioned on the image, with the momentum model's predictions as soft labels.
         Vocabulary logits are computed only at the masked positions (the loss only reads those). ``hidden``: the
-        fused states of ``input_ids`` when already computed (``itc_itm(mlm_input_ids=...)``); ``decoder_weight``:
-        the tied decoder weight through ``defer_gradient`` (``AlbefPretrain.forward``)."""
+        fused states of ``input_ids`` when already computed (``itc_itm(mlm_input_ids=...)``)."""
         scored = labels != -100  # (B, L)
         if hidden is None:
             hidden = self.text_encoder.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds,
                                             mode="multi_modal", image_kv=image_kv)
-        logits = self.text_encoder.cls(hidden[scored], decoder_weight)  # (M, V)
+        logits = self.text_encoder.cls(hidden[scored])  # (M, V)
         targets = labels[scored]  # (M,)
         # Means over the M masked tokens taken as sums / max(M, 1): 0 with a zero gradient when no token was masked,
         # and no Python branch on M, which torch.compile only knows when the step runs.

@@ -14,10 +14,10 @@ Key names follow BERT / ALBEF so official checkpoints load as they are:
 transform.LayerNorm,decoder,bias}`` (decoder weight tied to the word embeddings, decoder bias tied to ``bias``).
 
 Masks are ALBEF's additive masks ((1 - mask) * -10000) so that numbers match the reference; attention runs through
-``F.scaled_dot_product_attention`` unless an attention map is being captured for Grad-CAM, or attention dropout is
-active in fp32 on CPU: there SDPA falls back to explicit maths that keeps a copy of the keys, the float dropout mask and
-the dropped probabilities for backward, and ``dropout_attention`` (same maths, probabilities and a boolean mask kept,
-the rest recomputed in backward) takes its place.
+``F.scaled_dot_product_attention`` unless an attention map is being captured for Grad-CAM. The modules here are the
+plain maths; their memory-efficient variants (models.layers) replace some of them when the model is built with
+``model.memory_efficient`` on. ``BertModel.fuse_pairs`` is the fusion pass of retrieval re-ranking, with its
+evaluation shortcuts (image key/values projected once, text-only work once per text, the last layer for [CLS] only).
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-
-from models.layers import linear_gelu_linear, tied_linear
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MASK_VALUE = -10000.0  # ALBEF / BERT additive mask value; kept for numerical parity with official checkpoints
@@ -122,80 +120,51 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # Persistent: official checkpoints carry it.
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None, :], persistent=True)
-        # Switched on by AlbefPretrain.forward around its text pass, whose loss also reaches the tied LM decoder
-        # through models.layers.defer_gradient: the lookup's gradient is then sparse rows that autograd adds in place
-        # into the decoder's dense one. Without that dense part the weight's .grad would be left sparse.
-        self.sparse_word_grad = False
 
     def forward(self, input_ids: Tensor, past_length: int = 0) -> Tensor:
         length = input_ids.shape[1]
         position_ids = self.position_ids[:, past_length:past_length + length]
-        table = self.word_embeddings
-        if self.sparse_word_grad and not torch.compiler.is_compiling():  # compiled graphs keep dense gradients
-            words = F.embedding(input_ids, table.weight, table.padding_idx, sparse=True)
-        else:
-            words = table(input_ids)
+        words = self.word_embeddings(input_ids)
         # Same summation order as BERT (word + token type, then position): bit-level parity with the reference.
         embeds = words + self.token_type_embeddings.weight[0]  # token types are all 0
         embeds = embeds + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeds))
 
 
-def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
-    """The boolean keep-mask of attention dropout (each entry kept with probability 1 - p)."""
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
-
-
-class _DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) + mask), dropout(p), times v; keeps q, k, v (views, no copies), the probabilities and
-    a boolean keep-mask for backward, where the dropped probabilities are recomputed.
-
-    With ``rows`` (B,), query b attends to key/value row ``rows[b]``: the gathered keys and values are formed in
-    forward and again in backward, never kept, so fusion passes over the same images several times (the ITM pairs
-    and the MLM texts of a pretraining step) keep one copy of the image key/values, not one per pair."""
-
-    @staticmethod
-    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float,
-                rows: Tensor | None) -> Tensor:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-        pair_key, pair_value = _gather_rows(key, rows), _gather_rows(value, rows)
-        scores = query @ pair_key.transpose(-1, -2) * scale  # (B, nh, L, S)
-        del pair_key
-        if mask is not None:
-            scores = scores + mask
-        probs = scores.softmax(dim=-1)
-        del scores
-        keep = dropout_keep_mask(probs.shape, p, probs.device)
-        context = (probs * keep * (1.0 / (1.0 - p))) @ pair_value
-        ctx.save_for_backward(query, key, value, probs, keep, rows)
-        ctx.scale, ctx.p = scale, p
-        return context
-
-    @staticmethod
-    def backward(ctx: Any, grad_context: Tensor) -> tuple[Tensor | None, ...]:
-        query, key, value, probs, keep, rows = ctx.saved_tensors
-        rescale = 1.0 / (1.0 - ctx.p)
-        grad_value = (probs * keep * rescale).transpose(-1, -2) @ grad_context
-        grad_probs = (grad_context @ _gather_rows(value, rows).transpose(-1, -2)) * keep * rescale
-        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True)) * ctx.scale
-        del grad_probs
-        grad_query = grad_scores @ _gather_rows(key, rows)
-        grad_key = grad_scores.transpose(-1, -2) @ query
-        if rows is not None:  # the gradient of a gather: each pair's rows summed into its image's row
-            grad_key = key.new_zeros(key.shape).index_add_(0, rows, grad_key)
-            grad_value = value.new_zeros(value.shape).index_add_(0, rows, grad_value)
-        return grad_query, grad_key, grad_value, None, None, None
-
-
-def _gather_rows(tensor: Tensor, rows: Tensor | None) -> Tensor:
+def gather_rows(tensor: Tensor, rows: Tensor | None) -> Tensor:
+    """``tensor[rows]`` along dim 0, or ``tensor`` when ``rows`` is None."""
     return tensor if rows is None else tensor.index_select(0, rows)
 
 
-def dropout_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float,
-                      rows: Tensor | None = None) -> Tensor:
-    """Attention with dropout ``p`` on the probabilities (training), lean in memory; heads (B, nh, L|S, hd), or
-    with ``rows`` key/value (K, nh, S, hd) of which query b reads row ``rows[b]``."""
-    return _DropoutAttention.apply(query, key, value, mask, p, rows)
+class GroupedImageKV(NamedTuple):
+    """One fusion layer's image key/values (N, nh, S, hd) for query rows sorted by image (``BertModel.fuse_pairs``):
+    row b reads image ``rows[b]``. With ``runs`` [(image, number of rows)] each image's rows are folded into one
+    query sequence against its key/values, read in place (CPU: memory traffic is what costs); with ``runs`` None each
+    row's key/values are copied and attention runs over ``chunk_rows`` rows per call (GPU: launches are what cost).
+    Evaluation only: no mask (every image token is real), no dropout."""
+
+    key: Tensor
+    value: Tensor
+    rows: Tensor
+    runs: list[tuple[int, int]] | None
+    chunk_rows: int
+
+    def attend(self, query: Tensor) -> Tensor:
+        """Context (B, nh, Lq, hd) of query heads (B, nh, Lq, hd)."""
+        if self.runs is None:
+            return torch.cat([F.scaled_dot_product_attention(query[s:s + self.chunk_rows],
+                                                             self.key[self.rows[s:s + self.chunk_rows]],
+                                                             self.value[self.rows[s:s + self.chunk_rows]])
+                              for s in range(0, query.shape[0], self.chunk_rows)])
+        contexts, start = [], 0
+        _, heads, query_len, head_dim = query.shape
+        for image, count in self.runs:
+            folded = query[start:start + count].transpose(0, 1).reshape(1, heads, count * query_len, head_dim)
+            context = F.scaled_dot_product_attention(folded, self.key[image:image + 1], self.value[image:image + 1])
+            contexts.append(context.reshape(heads, count, query_len, head_dim).transpose(0, 1))
+            start += count
+        assert start == query.shape[0], "runs must cover every query row"
+        return torch.cat(contexts)
 
 
 class BertSelfAttention(nn.Module):
@@ -225,41 +194,43 @@ class BertSelfAttention(nn.Module):
     def project_kv(self, states: Tensor) -> tuple[Tensor, Tensor]:
         """Key and value heads for ``states`` (B, S, D_kv) -> 2 x (B, nh, S, hd); computed once, reusable.
 
-        Stored head-major (contiguous): attention that falls back to explicit matmuls (dropout on CPU, Grad-CAM)
+        Stored head-major (contiguous): attention by explicit matmuls (models.layers' dropout attention, Grad-CAM)
         then reads them as they are, where the (B, S, nh, hd) layout made it keep a copy of each for backward."""
         return self._split(self.key(states)).contiguous(), self._split(self.value(states)).contiguous()
 
     def _keep_grad(self, grad: Tensor) -> None:
         self.attention_grad = grad
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
+    def forward(self, hidden_states: Tensor, mask: Tensor | None, kv: tuple | GroupedImageKV | None = None,
                 kv_states: Tensor | None = None) -> Tensor:
-        query = self._split(self.query(hidden_states))
-        if kv is None:
-            kv = self.project_kv(hidden_states if kv_states is None else kv_states)
-        key, value, rows = kv if len(kv) == 3 else (*kv, None)  # rows: select_image_kv
-        if mask is not None:
-            mask = mask.to(query.dtype)
-        lean = (not self.save_attention and self.training and self.dropout_p > 0 and query.device.type == "cpu"
-                and query.dtype == torch.float32 and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
-        if lean:
-            context = dropout_attention(query, key, value, mask, self.dropout_p, rows)  # gathers rows, keeps no copy
+        """``kv``: precomputed key/value heads, (key, value) or (key, value, rows) (``select_image_kv``), or a
+        ``GroupedImageKV``; else they are projected from ``kv_states``, or from ``hidden_states`` (self-attention)."""
+        query = self._split(self.query(hidden_states))  # (B, nh, L, hd)
+        if isinstance(kv, GroupedImageKV):
+            context = kv.attend(query)
         else:
-            key, value = _gather_rows(key, rows), _gather_rows(value, rows)
-            if self.save_attention:
-                scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, L, S)
-                if mask is not None:
-                    scores = scores + mask
-                probs = scores.softmax(dim=-1)
-                self.attention_map = probs
-                if probs.requires_grad:
-                    probs.register_hook(self._keep_grad)
-                context = F.dropout(probs, self.dropout_p, self.training) @ value
-            else:
-                context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                         dropout_p=self.dropout_p if self.training else 0.0)
+            if kv is None:
+                kv = self.project_kv(hidden_states if kv_states is None else kv_states)
+            key, value, rows = kv if len(kv) == 3 else (*kv, None)
+            context = self.attend(query, key, value, None if mask is None else mask.to(query.dtype), rows)
         batch, _, length, _ = context.shape
         return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, rows: Tensor | None) -> Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v with dropout on the probabilities in training; query b reads key/value
+        row ``rows[b]`` when given. Heads (B, nh, L|S, hd) -> (B, nh, L, hd)."""
+        key, value = gather_rows(key, rows), gather_rows(value, rows)
+        if not self.save_attention:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                  dropout_p=self.dropout_p if self.training else 0.0)
+        scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, L, S)
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        self.attention_map = probs
+        if probs.requires_grad:
+            probs.register_hook(self._keep_grad)
+        return F.dropout(probs, self.dropout_p, self.training) @ value
 
 
 class BertSelfOutput(nn.Module):
@@ -320,15 +291,25 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden_states: Tensor, self_mask: Tensor | None, image_states: Tensor | None = None,
-                image_mask: Tensor | None = None, image_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        hidden_states = self.attention(hidden_states, self_mask)
+                image_mask: Tensor | None = None, image_kv: tuple | GroupedImageKV | None = None) -> Tensor:
+        return self.attend_image(self.self_attend(hidden_states, self_mask), image_states, image_mask, image_kv)
+
+    def self_attend(self, hidden_states: Tensor, self_mask: Tensor | None, cls_only: bool = False) -> Tensor:
+        """Self-attention + add & norm. ``cls_only``: the [CLS] position alone (B, 1, D), still reading every token."""
+        if cls_only:
+            return self.attention(hidden_states[:, :1], self_mask, kv_states=hidden_states)
+        return self.attention(hidden_states, self_mask)
+
+    def attend_image(self, hidden_states: Tensor, image_states: Tensor | None = None, image_mask: Tensor | None = None,
+                     image_kv: tuple | GroupedImageKV | None = None) -> Tensor:
+        """Cross-attention to the image (fusion layers), then the MLP."""
         if self.has_cross_attention:
             if image_states is None and image_kv is None:
                 raise ValueError("a fusion layer needs image states (encoder_hidden_states) or their key/values")
             hidden_states = self.crossattention(hidden_states, image_mask, image_kv, image_states)
-        if self.intermediate.act is F.gelu:  # the GELU recomputed in backward, not kept (models.layers)
-            mlp = linear_gelu_linear(hidden_states, self.intermediate.dense, self.output.dense)
-            return self.output.add_norm(mlp, hidden_states)
+        return self.feed_forward(hidden_states)
+
+    def feed_forward(self, hidden_states: Tensor) -> Tensor:
         return self.output(self.intermediate(hidden_states), hidden_states)
 
 
@@ -418,11 +399,43 @@ class BertModel(nn.Module):
             image_mask = additive_mask(encoder_attention_mask, dtype)
         return self.encoder(hidden_states, self_mask, mode, encoder_hidden_states, image_mask, image_kv)
 
+    @torch.no_grad()
+    def fuse_pairs(self, text_embeds: Tensor, text_mask: Tensor, texts: Tensor, image_kv: list[tuple[Tensor, Tensor]],
+                   images: Tensor, gathered_kv_bytes: int | None = None) -> Tensor:
+        """Fused [CLS] states (B, D) of the pairs (text ``texts[b]``, image ``images[b]``) in evaluation: the fusion
+        layers of ``mode='fusion'``, to float rounding, with re-ranking's shortcuts. ``text_embeds`` (U, l, D) /
+        ``text_mask`` (U, l): text-layer output of the distinct texts; ``image_kv``: ``precompute_image_kv`` of the
+        images (each projected once). The first layer's self-attention runs once per distinct text, the last layer
+        for [CLS] only (the ITM head reads nothing else). Cross-attention per image over its rows read in place
+        (``gathered_kv_bytes`` None: CPU), or over per-row copies, at most ``gathered_kv_bytes`` per call (GPU);
+        see ``GroupedImageKV``."""
+        by_image = torch.argsort(images, stable=True)  # cross-attention wants the rows of one image together
+        images, texts = images[by_image], texts[by_image]
+        runs, chunk_rows = None, images.shape[0]
+        if gathered_kv_bytes is None:
+            run_images, run_counts = torch.unique_consecutive(images, return_counts=True)
+            runs = list(zip(run_images.tolist(), run_counts.tolist(), strict=True))
+        else:
+            key = image_kv[0][0]
+            chunk_rows = max(1, gathered_kv_bytes // (2 * key[0].numel() * key.element_size()))
+        layers = self.fusion_layers()
+        text_mask = additive_mask(text_mask, text_embeds.dtype)  # (U, 1, 1, l)
+        self_mask = text_mask[texts]  # (B, 1, 1, l)
+        states = layers[0].self_attend(text_embeds, text_mask)[texts]  # (B, l, D), computed per distinct text
+        for depth, (layer, (key, value)) in enumerate(zip(layers, image_kv, strict=True)):
+            last = depth == len(layers) - 1
+            if depth > 0:
+                states = layer.self_attend(states, self_mask, cls_only=last)
+            elif last:
+                states = states[:, :1]
+            states = layer.attend_image(states, image_kv=GroupedImageKV(key, value, images, runs, chunk_rows))
+        return torch.empty_like(states[:, 0]).index_copy_(0, by_image, states[:, 0])  # back in the caller's order
+
 
 def select_image_kv(image_kv: list[tuple[Tensor, Tensor]], rows: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Rows ``rows`` of precomputed image key/values (fusion input b attends to image ``rows[b]``), as
-    (key, value, rows) per layer: cross-attention gathers them where it reads them, and in CPU training does not keep
-    the gathered copies for backward (``_DropoutAttention``)."""
+    (key, value, rows) per layer: cross-attention gathers them where it reads them (the memory-efficient attention of
+    models.layers does not keep the gathered copies for backward)."""
     return [(key, value, rows) for key, value in image_kv]
 
 
@@ -444,10 +457,8 @@ class BertLMPredictionHead(nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = self.decoder.bias  # same Parameter under both official key names
 
-    def forward(self, hidden_states: Tensor, decoder_weight: Tensor | None = None) -> Tensor:
-        """``decoder_weight``: the decoder's weight as the caller passed it through ``defer_gradient``."""
-        # The decoder weight is the word embedding: its two gradients add in place (models.layers.tied_linear).
-        return tied_linear(self.transform(hidden_states), self.decoder, decoder_weight)
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.decoder(self.transform(hidden_states))
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -455,8 +466,8 @@ class BertOnlyMLMHead(nn.Module):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
 
-    def forward(self, hidden_states: Tensor, decoder_weight: Tensor | None = None) -> Tensor:
-        return self.predictions(hidden_states, decoder_weight)
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.predictions(hidden_states)
 
 
 class BertLMHeadModel(nn.Module):

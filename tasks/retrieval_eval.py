@@ -10,7 +10,7 @@ the union of both directions' pairs once each, grouped so that nothing is comput
 - the image tokens' key/value projections (most of a fusion pass: an image has far more tokens than a caption) are
   computed once per image, in blocks of images bounded by ``kv_cache_bytes``, and read in place (no per-pair copies:
   the pairs of one image attend to its keys/values in one attention call);
-- the first fusion layer's self-attention and cross-attention query depend on the text alone: once per text and pass;
+- the first fusion layer's self-attention depends on the text alone: once per text and pass;
 - the ITM head reads the [CLS] token only, so the last fusion layer runs for [CLS] alone (its self-attention still
   reads every token's key/value);
 - pairs are sorted by caption length and a pass holds captions of one length, cut to it (masked keys contribute
@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -35,7 +34,6 @@ from dataset.tokenizer import tokenize
 from dataset.transforms import normalize
 from engine import dist
 from metrics.retrieval import recall_at_k
-from models.xbert import BertLayer, additive_mask
 from tasks.base import AlbefTask, gather_in_dataset_order, unwrap
 
 ImageKV = list[tuple[Tensor, Tensor]]
@@ -119,71 +117,17 @@ def gathers_kv(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _cross_attend(layer: BertLayer, query: Tensor, image_kv: tuple[Tensor, Tensor], images: Tensor,
-                  runs: list[tuple[int, int]] | None) -> Tensor:
-    """Cross-attention context (B, Lq, D) of query states (B, Lq, D) whose rows come sorted by image:
-    ``images`` (B,) the image (index into image_kv) of each row, ``runs`` = [(image, number of rows)] the same as
-    runs (None where `gathers_kv`). Same maths as BertSelfAttention in evaluation (no image mask: every image token
-    is real)."""
-    attention = layer.crossattention.self
-    key, value = image_kv  # (n_img, nh, S, hd) each
-    batch, query_len, width = query.shape
-    if runs is None:  # gathers_kv: each row's keys/values copied, a few attention calls over many rows
-        heads = query.reshape(batch, query_len, attention.num_heads, attention.head_dim).transpose(1, 2)
-        rows = max(1, GATHERED_KV_BYTES // (2 * key[0].numel() * key.element_size()))
-        contexts = [F.scaled_dot_product_attention(heads[s:s + rows], key[images[s:s + rows]],
-                                                   value[images[s:s + rows]])  # (r, nh, Lq, hd)
-                    for s in range(0, batch, rows)]
-        return torch.cat(contexts).transpose(1, 2).reshape(batch, query_len, width)
-    # The rows of one image are folded into one long query sequence against that image's keys/values, read in place
-    # instead of copied per pair.
-    contexts, start = [], 0
-    for image, count in runs:
-        folded = query[start:start + count].reshape(1, count * query_len, attention.num_heads, attention.head_dim)
-        context = F.scaled_dot_product_attention(folded.transpose(1, 2), key[image:image + 1],
-                                                 value[image:image + 1])  # (1, nh, count * Lq, hd)
-        contexts.append(context.transpose(1, 2).reshape(count, query_len, width))
-        start += count
-    assert start == batch, "runs must cover every query row"
-    return torch.cat(contexts)
-
-
 def _match_pass(model: nn.Module, image_kv: ImageKV, images: Tensor, texts: Tensor, text_embeds: Tensor,
                 text_masks: Tensor, lengths: Tensor) -> Tensor:
-    """ITM match logits (B,) of the pairs (images[b] (index into image_kv), texts[b]): one pass through the fusion
-    layers, cut to the pass's longest caption, the text-only work of the first layer done once per distinct text,
-    the last layer for [CLS] only. Equals model.itm_head(model.fuse(...)[:, 0])[:, 1] to float rounding."""
-    text_bert = model.text_bert
-    layers = text_bert.fusion_layers()
-    by_image = torch.argsort(images, stable=True)  # the cross-attention wants the rows of one image together
-    images, texts = images[by_image], texts[by_image]
-    runs = None
-    if not gathers_kv(images.device):
-        run_images, run_counts = torch.unique_consecutive(images, return_counts=True)
-        runs = list(zip(run_images.tolist(), run_counts.tolist(), strict=True))
+    """ITM match logits (B,) of the pairs (images[b] (index into image_kv), texts[b]): one ``fuse_pairs`` pass over
+    the distinct texts cut to the pass's longest caption. Equals model.itm_head(model.fuse(...)[:, 0])[:, 1] to float
+    rounding."""
     unique_texts, inverse = torch.unique(texts, return_inverse=True)  # (U,), (B,)
     length = int(lengths[unique_texts].max())
-    text_mask = additive_mask(text_masks[unique_texts, :length], text_embeds.dtype)  # (U, 1, 1, l)
-    self_mask = text_mask[inverse]  # (B, 1, 1, l)
-
-    first = layers[0]
-    text_states = first.attention(text_embeds[unique_texts, :length], text_mask)  # (U, l, D)
-    text_query = first.crossattention.self.query(text_states)  # (U, l, D)
-    states, query = text_states[inverse], text_query[inverse]  # (B, l, D) each
-    for depth, layer in enumerate(layers):
-        last = depth == len(layers) - 1
-        if depth > 0:
-            # The last layer's [CLS] attends to every token; its other positions feed nothing the ITM head reads.
-            states = layer.attention(states[:, :1], self_mask, None, states) if last else layer.attention(
-                states, self_mask)
-            query = layer.crossattention.self.query(states)
-        elif last:
-            states, query = states[:, :1], query[:, :1]
-        context = _cross_attend(layer, query, image_kv[depth], images, runs)
-        states = layer.crossattention.output(context, states)
-        states = layer.output(layer.intermediate(states), states)
-    logits = model.itm_head(states[:, 0, :])[:, 1]  # (B,) in image order
-    return torch.empty_like(logits).scatter_(0, by_image, logits)  # back in the caller's pair order
+    fused_cls = model.text_bert.fuse_pairs(text_embeds[unique_texts, :length], text_masks[unique_texts, :length],
+                                           inverse, image_kv, images,
+                                           GATHERED_KV_BYTES if gathers_kv(images.device) else None)  # (B, D)
+    return model.itm_head(fused_cls)[:, 1]
 
 
 def _balance_images(pair_counts: Tensor, world_size: int) -> Tensor:

@@ -312,7 +312,7 @@ def test_vit_mlp_recomputing_gelu_equals_timms_mlp(amp):
     autocast (parameter gradients stay fp32), and keeps fc1's output but not the GELU's for backward."""
     from timm.layers import Mlp
 
-    from models.vit import GeluMlp
+    from models.layers import GeluMlp
 
     torch.manual_seed(0)
     plain = Mlp(16, 64)
@@ -336,7 +336,8 @@ def test_lean_dropout_attention_equals_explicit_attention_with_the_same_dropout_
     """dropout_attention (probabilities and a boolean keep-mask kept, the rest recomputed in backward) gives the
     output and gradients of softmax + dropout + matmul done by autograd with the same keep-mask; with ``rows`` (query
     b reads key/value row rows[b], gathered inside and not kept), those of index_select then attention."""
-    from models.xbert import additive_mask, dropout_attention, dropout_keep_mask
+    from models.layers import dropout_attention, dropout_keep_mask
+    from models.xbert import additive_mask
 
     gen = torch.Generator().manual_seed(0)
     rows = torch.tensor([2, 0, 2, 1, 2]) if gathered else None
@@ -400,7 +401,7 @@ def test_vit_block_with_norms_recomputed_equals_timms_block(amp):
     gradient, in fp32 and under bf16 autocast, and keeps neither norm's output for backward."""
     from timm.models.vision_transformer import Block
 
-    from models.vit import GeluMlp, LeanBlock
+    from models.layers import GeluMlp, LeanBlock
 
     torch.manual_seed(0)
     width, tokens = 32, 7
@@ -432,11 +433,11 @@ def test_pretraining_with_a_sparse_word_lookup_gradient_equals_the_dense_lookup(
 
     torch.manual_seed(0)
     model = create_model("pretrain", tiny_cfg(tmp_path), special=SPECIAL).train()
-    assert model.sparse_word_grad and not model.text_encoder.bert.embeddings.sparse_word_grad  # on in forward only
+    assert model.word_gradient.enabled and model.word_gradient.weight is None  # armed in forward only
     image, ids, mask = tiny_batch()
     results = []
     for sparse in (True, False):
-        model.sparse_word_grad = sparse
+        model.word_gradient.enabled = sparse
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # same masks, negatives and dropout draws
         with torch.no_grad():  # the same queues before each step
@@ -461,6 +462,7 @@ def test_pretraining_with_a_sparse_word_lookup_gradient_equals_the_dense_lookup(
 def test_bert_layer_mlp_recomputing_gelu_equals_the_plain_layer():
     """A BERT layer with exact GELU runs its MLP through linear_gelu_linear: same output and gradients as the
     intermediate -> output modules run by autograd, without keeping the GELU's output."""
+    from models.layers import apply_memory_efficient
     from models.xbert import BertLayer
 
     config = BertConfig.from_dict({"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 64,
@@ -469,6 +471,7 @@ def test_bert_layer_mlp_recomputing_gelu_equals_the_plain_layer():
     lean = BertLayer(config, has_cross_attention=False)
     plain = copy.deepcopy(lean)
     plain.intermediate.act = lambda x: F.gelu(x)  # same function, not recognised: the plain path
+    apply_memory_efficient(lean)
     (want, saved_plain), (got, saved_lean) = _plain_and_lean(plain, lean, torch.randn(3, 5, 16),
                                                              torch.randn(3, 5, 16), args=(None,))
     for g, w in zip(got, want, strict=True):
@@ -484,7 +487,7 @@ def test_tied_decoder_gradient_equals_linears_and_accumulates_into_the_embedding
     the lookup's rows are added into the decoder's table, and the weight's .grad is a dense tensor all the same."""
     from torch.profiler import ProfilerActivity, profile
 
-    from models.layers import defer_gradient
+    from models.layers import apply_memory_efficient, tie_sparse_word_gradient
     from models.xbert import BertLMHeadModel
 
     vocab, width = 997, 24
@@ -492,21 +495,28 @@ def test_tied_decoder_gradient_equals_linears_and_accumulates_into_the_embedding
                                    "intermediate_size": 48, "vocab_size": vocab, "hidden_dropout_prob": 0.0,
                                    "attention_probs_dropout_prob": 0.0, "fusion_layer": 1})
     torch.manual_seed(0)
-    model = BertLMHeadModel(config)
+    model = apply_memory_efficient(BertLMHeadModel(config))
+    if sparse_lookup:  # armed by hand below: here the decoder is not called inside model's own forward
+        tie_sparse_word_gradient(model, model)
+    link = getattr(model, "word_gradient", None)
     head, embeddings = model.cls.predictions, model.bert.embeddings
     assert head.decoder.weight is embeddings.word_embeddings.weight
     ids = torch.randint(0, vocab, (2, 6))
     ids[0, -2:] = config.pad_token_id  # the padding row gets no gradient from the lookup, either way
 
     def loss():
-        embeddings.sparse_word_grad = sparse_lookup
-        decoder_weight = defer_gradient(head.decoder.weight) if sparse_lookup else None
+        if link is not None:
+            link.arm(model, ())
         hidden = model.bert(ids, mode="text")
-        return (model.cls(hidden[:, :3], decoder_weight) ** 2).mean()
+        value = (model.cls(hidden[:, :3]) ** 2).mean()
+        if link is not None:
+            link.disarm(model, (), value)
+        return value
 
     model.zero_grad(set_to_none=True)
-    embeddings.sparse_word_grad = False  # nn.Linear's and nn.Embedding's own autograd
-    (head.decoder(head.transform(model.bert(ids, mode="text")[:, :3])) ** 2).mean().backward()
+    # nn.Linear's and nn.Embedding's own autograd (the link is not armed: a dense lookup)
+    (F.linear(head.transform(model.bert(ids, mode="text")[:, :3]), head.decoder.weight, head.decoder.bias) ** 2
+     ).mean().backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     loss().backward()
