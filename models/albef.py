@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -21,43 +22,55 @@ from torch import Tensor, nn
 
 from common import dist
 from models.layers import resolve_memory_efficient, soft_contrastive_loss
-from models.vit import create_vit
+from models.vit import VisionCfg, create_vit
 from models.xbert import BertConfig, BertLMHeadModel, BertModel, init_bert_weights, select_image_kv
 
 log = logging.getLogger(__name__)
 
-# The `model:` config block shared by every task (its one home; tasks add their own keys next to these).
-MODEL_DEFAULTS: dict[str, Any] = {
-    "bert_config": "configs/config_bert.json",  # BertConfig-style JSON with fusion_layer and encoder_width (ALBEF's)
-    "bert_overrides": {},  # open: BertConfig fields to override (tiny configs), e.g. {num_hidden_layers: 4}
-    "text_encoder": "bert-base-uncased",  # transformers weights for the text encoder in real runs; "" = random init
-    "tokenizer": "bert-base-uncased",  # hub name, or a vocab.txt path / directory (offline)
-    "vit": {  # image encoder (timm VisionTransformer)
-        "patch_size": 16,
-        "width": 768,
-        "depth": 12,
-        "heads": 12,
-        "mlp_ratio": 4.0,
-        "drop_path_rate": 0.0,
-        "pretrained": "",  # timm weights name for real runs (e.g. deit_base_patch16_224); "" = random init
-    },
-    "image_res": 256,  # input resolution in pixels
-    "embed_dim": 256,  # width of the ITC projections
-    "temp": 0.07,  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
-    "queue_size": 65536,  # ITC feature queue length; a multiple of the global batch keeps ALBEF's layout
-    "momentum": 0.995,  # EMA factor of the momentum encoders
-    "alpha": 0.4,  # weight of the momentum-distilled soft targets
-    "distill": True,  # momentum distillation on/off (tasks where ALBEF makes it optional)
-    "warm_up": True,  # ramp alpha from 0 over the first epoch as ALBEF does
-    "mlm_probability": 0.15,
+@dataclass
+class AlbefCfg:
+    """The ``model:`` config block shared by every task, typed: the one home of its keys and defaults (tasks add their
+    own keys next to these; ``MODEL_DEFAULTS`` is derived from it). Resolved once, when a model is built."""
+
+    bert_config: str = "configs/config_bert.json"  # BertConfig-style JSON with fusion_layer and encoder_width (ALBEF's)
+    bert_overrides: dict[str, Any] = field(default_factory=dict)  # open: BertConfig fields, e.g. {num_hidden_layers: 4}
+    text_encoder: str = "bert-base-uncased"  # transformers weights for the text encoder in real runs; "" = random init
+    tokenizer: str = "bert-base-uncased"  # hub name, or a vocab.txt path / directory (offline)
+    vit: VisionCfg = field(default_factory=VisionCfg)  # image encoder (timm VisionTransformer)
+    image_res: int = 256  # input resolution in pixels
+    embed_dim: int = 256  # width of the ITC projections
+    temp: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    queue_size: int = 65536  # ITC feature queue length; a multiple of the global batch keeps ALBEF's layout
+    momentum: float = 0.995  # EMA factor of the momentum encoders
+    alpha: float = 0.4  # weight of the momentum-distilled soft targets
+    distill: bool = True  # momentum distillation on/off (tasks where ALBEF makes it optional)
+    warm_up: bool = True  # ramp alpha from 0 over the first epoch as ALBEF does
+    mlm_probability: float = 0.15
     # Share of ITM negatives drawn uniformly instead of by similarity (ALBEF: 0, hard negatives only). From random
     # init on captions that fit many images, the hardest negatives are often true matches and ITM learns nothing.
-    "itm_random_negatives": 0.0,
-    "grad_checkpointing": False,  # activation checkpointing in both encoders
-    # auto | true | false: build with models.layers' memory-efficient layers (same maths, less activation memory,
-    # more kernels). auto: on where no CUDA device is present (CPU fp32 training), off beside a GPU (host-bound there).
-    "memory_efficient": "auto",
-}
+    itm_random_negatives: float = 0.0
+    grad_checkpointing: bool = False  # activation checkpointing in both encoders
+    # null (auto) | true | false: build with models.layers' memory-efficient layers (same maths, less activation
+    # memory, more kernels). auto: on where no CUDA device is present (CPU fp32 training), off beside a GPU, where the
+    # step is host-bound (benchmarks/README.md).
+    memory_efficient: bool | str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.itm_random_negatives) <= 1.0:
+            raise ValueError(f"model.itm_random_negatives must be in [0, 1], got {self.itm_random_negatives}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AlbefCfg:
+        """The typed block from a ``model:`` mapping; keys that are not fields (a task's own) are left out."""
+        known = {k: v for k, v in dict(values).items() if k in cls.__dataclass_fields__}
+        if "vit" in known:
+            known["vit"] = VisionCfg.from_dict(known["vit"])
+        if "bert_overrides" in known:
+            known["bert_overrides"] = dict(known["bert_overrides"] or {})
+        return cls(**known)
+
+
+MODEL_DEFAULTS: dict[str, Any] = asdict(AlbefCfg())  # the schema of the `model:` block (tasks/base.py)
 
 
 @dataclass(frozen=True)
@@ -76,10 +89,10 @@ class SpecialTokens:
                    mask=tokenizer.mask_token_id, vocab_size=len(tokenizer))
 
 
-def build_bert_config(cfg: dict[str, Any], vocab_size: int | None) -> BertConfig:
-    """The BertConfig from ``cfg['bert_config']`` + ``cfg['bert_overrides']``; vocab_size follows the tokenizer."""
-    bert = BertConfig.from_json_file(cfg["bert_config"])
-    overrides = dict(cfg.get("bert_overrides") or {})
+def build_bert_config(cfg: AlbefCfg, vocab_size: int | None) -> BertConfig:
+    """The BertConfig from ``cfg.bert_config`` + ``cfg.bert_overrides``; vocab_size follows the tokenizer."""
+    bert = BertConfig.from_json_file(cfg.bert_config)
+    overrides = dict(cfg.bert_overrides)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     unknown = set(overrides) - set(BertConfig.__dataclass_fields__)
@@ -162,17 +175,18 @@ class AlbefBase(nn.Module):
 
     def __init__(self, cfg: dict[str, Any], special: SpecialTokens) -> None:
         super().__init__()
-        self.cfg = {**MODEL_DEFAULTS, **dict(cfg)}
+        self.cfg = {**MODEL_DEFAULTS, **dict(cfg)}  # the raw block, with a task's own keys (read at construction)
+        self.model_cfg = config = AlbefCfg.from_dict(self.cfg)
         self.special = special
-        self.bert_config = build_bert_config(self.cfg, special.vocab_size)
-        self.visual_encoder = create_vit(self.cfg["vit"], self.cfg["image_res"])
-        self.momentum = float(self.cfg["momentum"])
-        if not 0.0 <= float(self.cfg["itm_random_negatives"]) <= 1.0:
-            raise ValueError(f"model.itm_random_negatives must be in [0, 1], got {self.cfg['itm_random_negatives']}")
-        if self.cfg["grad_checkpointing"]:
+        self.bert_config = build_bert_config(config, special.vocab_size)
+        self.visual_encoder = create_vit(config.vit, config.image_res)
+        self.momentum = float(config.momentum)
+        self.distill = bool(config.distill)  # tasks where ALBEF makes momentum distillation optional
+        self.itm_random_negatives = float(config.itm_random_negatives)
+        if config.grad_checkpointing:
             self.visual_encoder.set_grad_checkpointing(True)
         # Applied by create_model once the subclass has built every module (models.layers.apply_memory_efficient).
-        self.memory_efficient = resolve_memory_efficient(self.cfg["memory_efficient"])
+        self.memory_efficient = resolve_memory_efficient(config.memory_efficient)
 
     # ---- building blocks -------------------------------------------------------------------------------------------
     @property
@@ -184,17 +198,17 @@ class AlbefBase(nn.Module):
         config = bert_config or self.bert_config
         module = BertLMHeadModel(config, causal=causal) if with_mlm_head else BertModel(config, causal=causal)
         init_bert_weights(module, config.initializer_range)
-        if self.cfg["text_encoder"]:
-            load_bert_weights(module, self.cfg["text_encoder"])
-        if self.cfg["grad_checkpointing"]:
+        if self.model_cfg.text_encoder:
+            load_bert_weights(module, self.model_cfg.text_encoder)
+        if self.model_cfg.grad_checkpointing:
             (module.bert if with_mlm_head else module).encoder.gradient_checkpointing = True
         return module
 
     def _build_projections(self) -> None:
-        embed_dim = self.cfg["embed_dim"]
+        embed_dim = self.model_cfg.embed_dim
         self.vision_proj = nn.Linear(self.vision_width, embed_dim)
         self.text_proj = nn.Linear(self.bert_config.hidden_size, embed_dim)
-        self.temp = nn.Parameter(torch.tensor(float(self.cfg["temp"])))
+        self.temp = nn.Parameter(torch.tensor(float(self.model_cfg.temp)))
 
     def _build_momentum(self, names: list[str]) -> None:
         """Create ``<name>_m`` frozen copies of the named modules."""
@@ -206,7 +220,7 @@ class AlbefBase(nn.Module):
         self.momentum_pairs = tuple((name, f"{name}_m") for name in names)
 
     def _build_queues(self, with_idx: bool = False) -> None:
-        embed_dim, size = self.cfg["embed_dim"], self.cfg["queue_size"]
+        embed_dim, size = self.model_cfg.embed_dim, self.model_cfg.queue_size
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, size), dim=0))
         if with_idx:
@@ -398,7 +412,7 @@ class AlbefBase(nn.Module):
                 positive = torch.eye(batch, dtype=torch.bool, device=text_embeds.device)
             else:
                 positive = torch.eq(idx.view(-1, 1), idx.view(1, -1))
-            share = float(self.cfg["itm_random_negatives"])
+            share = self.itm_random_negatives
             neg_image_for_text = sample_hard_negatives(sim_t2i, positive, negative_eps, share)
             neg_text_for_image = sample_hard_negatives(sim_i2t, positive, negative_eps, share)
         texts = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_for_image]])

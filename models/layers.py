@@ -8,10 +8,10 @@ state_dict keys, same values to float rounding (each has an equality test agains
 tests/test_models.py), a smaller autograd footprint.
 
 The switch is ``model.memory_efficient`` (``resolve_memory_efficient``):
-- ``auto`` (default): on where no CUDA device is present (training then runs on the CPU in fp32, ``train.amp: auto``),
-  off where one is. On an H200 the base pretraining step is host-bound (4,290 kernel launches a step, GPU busy 38%,
-  benchmarks/README.md) and has memory to spare at batch 64; these variants add kernels in backward (recomputed
-  GELUs and norms, a separate weight-gradient matmul), so they cost time there and are off;
+- null or ``auto`` (default): on where no CUDA device is present (training then runs on the CPU in fp32,
+  ``train.amp: auto``), off where one is. On an H200 the base pretraining step is host-bound (4,290 kernel launches
+  a step, GPU busy 38%, benchmarks/README.md) and has memory to spare at batch 64; these variants add kernels in
+  backward (recomputed GELUs and norms, a separate weight-gradient matmul), so they cost time there and are off;
 - ``true`` / ``false``: force it.
 
 What each variant saves (base pretraining step, batch 4, CPU fp32; benchmarks/README.md):
@@ -51,10 +51,12 @@ from models.xbert import BertLayer, BertLMHeadModel, BertSelfAttention, gather_r
 MEMORY_EFFICIENT_CHOICES = ("auto", "true", "false")
 
 
-def resolve_memory_efficient(setting: bool | str) -> bool:
-    """``model.memory_efficient`` (auto | true | false) -> whether the variants are used (module docstring)."""
+def resolve_memory_efficient(setting: bool | str | None) -> bool:
+    """``model.memory_efficient`` (null or auto | true | false) -> whether the variants are used (module docstring)."""
     if isinstance(setting, bool):
         return setting
+    if setting is None:
+        setting = "auto"
     if str(setting).lower() not in MEMORY_EFFICIENT_CHOICES:
         raise ValueError(f"model.memory_efficient must be one of {MEMORY_EFFICIENT_CHOICES}, got {setting!r}")
     if str(setting).lower() == "auto":

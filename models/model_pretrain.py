@@ -28,7 +28,7 @@ class AlbefPretrain(AlbefBase):
         self.itm_head = itm_head(self.bert_config.hidden_size)
         self._build_momentum(["visual_encoder", "vision_proj", "text_encoder", "text_proj"])
         self._build_queues()
-        self.mlm_probability = float(self.cfg["mlm_probability"])
+        self.mlm_probability = float(self.model_cfg.mlm_probability)
 
     def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float = 0.0,
                 neg_image_for_text: Tensor | None = None, neg_text_for_image: Tensor | None = None,

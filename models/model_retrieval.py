@@ -30,7 +30,7 @@ class AlbefRetrieval(AlbefBase):
                 neg_image_for_text: Tensor | None = None,
                 neg_text_for_image: Tensor | None = None) -> dict[str, Tensor]:
         """``idx`` (B,): the image id of each pair; pairs that share it are positives of each other."""
-        out = self.itc_itm(image, input_ids, attention_mask, alpha if self.cfg["distill"] else 0.0, idx=idx,
+        out = self.itc_itm(image, input_ids, attention_mask, alpha if self.distill else 0.0, idx=idx,
                            neg_image_for_text=neg_image_for_text, neg_text_for_image=neg_text_for_image,
                            negative_eps=0.0)
         return {"loss_ita": out["loss_ita"], "loss_itm": out["loss_itm"]}

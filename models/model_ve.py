@@ -24,14 +24,14 @@ class AlbefClassifier(AlbefBase):
 
     def _build_classifier(self) -> None:
         self.cls_head = mlp_head(self.bert_config.hidden_size, self.num_classes)
-        if self.cfg["distill"]:
+        if self.distill:
             self._build_momentum(["visual_encoder", "text_encoder", "cls_head"])
 
     def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
                 alpha: float = 0.0) -> dict[str, Tensor]:
         prediction = self.logits(image, input_ids, attention_mask)
         loss = F.cross_entropy(prediction, targets)
-        if self.cfg["distill"] and distilling(alpha):
+        if self.distill and distilling(alpha):
             self.momentum_update()
             prediction_m = self.logits(image, input_ids, attention_mask, momentum=True).detach()
             soft = -(F.log_softmax(prediction, dim=1) * F.softmax(prediction_m, dim=1)).sum(dim=1).mean()

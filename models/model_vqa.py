@@ -37,7 +37,7 @@ class AlbefVQA(AlbefBase):
             fusion_layer=0, num_hidden_layers=self.bert_config.num_hidden_layers - fusion,
             encoder_width=self.bert_config.hidden_size)
         self.text_decoder = self._new_text_encoder(with_mlm_head=True, bert_config=decoder_config, causal=True)
-        if self.cfg["distill"]:
+        if self.distill:
             self._build_momentum(["visual_encoder", "text_encoder", "text_decoder"])
 
     def encode_question(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, momentum: bool = False
@@ -56,7 +56,7 @@ class AlbefVQA(AlbefBase):
         states_mask = attention_mask.repeat_interleave(answers_per_question, dim=0)
         labels = answer_ids.masked_fill(answer_ids == self.special.pad, -100)
         soft_labels = None
-        if self.cfg["distill"] and distilling(alpha):
+        if self.distill and distilling(alpha):
             with torch.no_grad():
                 self.momentum_update()
                 states_m = self.encode_question(image, input_ids, attention_mask, momentum=True)

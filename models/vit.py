@@ -10,6 +10,8 @@ parameter names, GELU and LayerNorms recomputed in backward) when the model is b
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -19,15 +21,26 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-VIT_DEFAULTS: dict[str, Any] = {
-    "patch_size": 16,  # pixels per patch side
-    "width": 768,  # token width (vision_width)
-    "depth": 12,  # transformer blocks
-    "heads": 12,
-    "mlp_ratio": 4.0,
-    "drop_path_rate": 0.0,
-    "pretrained": "",  # timm model name whose weights initialise the encoder in real runs (e.g. deit_base_patch16_224)
-}
+@dataclass
+class VisionCfg:
+    """The ``model.vit`` config block: timm's VisionTransformer in ALBEF's configuration (the one home of these
+    defaults; models.albef.MODEL_DEFAULTS is derived from it)."""
+
+    patch_size: int = 16  # pixels per patch side
+    width: int = 768  # token width (vision_width)
+    depth: int = 12  # transformer blocks
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    pretrained: str = ""  # timm weights name for real runs (e.g. deit_base_patch16_224); "" = random init
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> VisionCfg:
+        values = dict(values or {})
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"model.vit: unknown keys {sorted(unknown)} (known: {sorted(cls.__dataclass_fields__)})")
+        return cls(**values)
 
 
 class VisualEncoder(VisionTransformer):
@@ -37,23 +50,22 @@ class VisualEncoder(VisionTransformer):
         return self.forward_features(x)
 
 
-def create_vit(vit_cfg: dict[str, Any], image_res: int) -> VisualEncoder:
+def create_vit(cfg: VisionCfg, image_res: int) -> VisualEncoder:
     """Build the image encoder; loads timm pretrained weights (resampled to ``image_res``) when ``pretrained`` names
     a model - real runs only, it downloads."""
-    cfg = {**VIT_DEFAULTS, **dict(vit_cfg or {})}
     model = VisualEncoder(
-        img_size=image_res, patch_size=cfg["patch_size"], embed_dim=cfg["width"], depth=cfg["depth"],
-        num_heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"], qkv_bias=True, num_classes=0, global_pool="",
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=cfg["drop_path_rate"])
-    if cfg["pretrained"]:
+        img_size=image_res, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio, qkv_bias=True, num_classes=0, global_pool="",
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=cfg.drop_path_rate)
+    if cfg.pretrained:
         import timm
 
-        source = timm.create_model(cfg["pretrained"], pretrained=True, num_classes=0)
+        source = timm.create_model(cfg.pretrained, pretrained=True, num_classes=0)
         state = {k: v for k, v in source.state_dict().items() if not k.startswith(("head", "fc_norm"))}
         state = resample_pos_embed(state, model, prefix="")
         missing, unexpected = model.load_state_dict(state, strict=False)
         log.info("image encoder initialised from timm %s (missing %s, unexpected %s)",
-                 cfg["pretrained"], missing, unexpected)
+                 cfg.pretrained, missing, unexpected)
     return model
 
 

@@ -598,3 +598,60 @@ def test_checkpoint_with_another_queue_size_loads_with_fresh_queues(tmp_path):
     assert model.image_queue.shape == (16, 32) and int(model.queue_ptr) == 0
     assert {"image_queue", "text_queue", "queue_ptr", "idx_queue"} <= set(missing)
     torch.testing.assert_close(model.visual_encoder.cls_token, pretrain["visual_encoder.cls_token"])
+
+
+def test_memory_efficient_switch_picks_the_layers_at_construction_with_the_same_keys_and_losses(tmp_path):
+    """model.memory_efficient swaps layers when the model is built (auto: on without a CUDA device), never in forward:
+    the same state_dict keys, and the same losses and gradients as the plain model (dropout off, fixed draws)."""
+    from models.layers import (
+        LeanBlock,
+        MemoryEfficientBertLayer,
+        MemoryEfficientSelfAttention,
+        SparseGradEmbedding,
+        TiedDecoder,
+        resolve_memory_efficient,
+    )
+
+    variants = {LeanBlock, MemoryEfficientBertLayer, MemoryEfficientSelfAttention, SparseGradEmbedding, TiedDecoder}
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    torch.manual_seed(0)
+    plain = create_model("pretrain", tiny_cfg(tmp_path, memory_efficient=False, bert_overrides=no_dropout),
+                         special=SPECIAL).train()
+    lean = create_model("pretrain", tiny_cfg(tmp_path, memory_efficient=True, bert_overrides=no_dropout),
+                        special=SPECIAL).train()
+    assert not {type(m) for m in plain.modules()} & variants
+    assert variants <= {type(m) for m in lean.modules()}
+    assert plain.state_dict().keys() == lean.state_dict().keys()
+    lean.load_state_dict(plain.state_dict())
+    assert resolve_memory_efficient(None) == resolve_memory_efficient("auto") == (not torch.cuda.is_available())
+    with pytest.raises(ValueError, match="memory_efficient"):
+        resolve_memory_efficient("sometimes")
+    image, ids, mask = tiny_batch()
+    results = []
+    for model in (plain, lean):
+        torch.manual_seed(1)  # same masks and negatives
+        losses = model(image, ids, mask, alpha=0.4)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_losses, plain_grads), (lean_losses, lean_grads) = results
+    for name, value in plain_losses.items():
+        torch.testing.assert_close(lean_losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert plain_grads.keys() == lean_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, atol=1e-5 * grad.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def test_model_config_defaults_have_one_home():
+    """MODEL_DEFAULTS is derived from the typed AlbefCfg / VisionCfg; unknown ViT keys are errors."""
+    from dataclasses import asdict
+
+    from models.albef import MODEL_DEFAULTS, AlbefCfg
+    from models.vit import VisionCfg
+
+    assert MODEL_DEFAULTS == asdict(AlbefCfg()) and MODEL_DEFAULTS["vit"] == asdict(VisionCfg())
+    config = AlbefCfg.from_dict({"vit": {"depth": 2}, "answer_list": "a task's own key"})
+    assert config.vit == VisionCfg(depth=2) and config.embed_dim == AlbefCfg().embed_dim
+    with pytest.raises(ValueError, match="model.vit"):
+        VisionCfg.from_dict({"dept": 2})
+    with pytest.raises(ValueError, match="itm_random_negatives"):
+        AlbefCfg.from_dict({"itm_random_negatives": 2.0})
