@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import optim
-    from engine.trainer import compile_model
+    from engine.backend import compile_model
     from models import create_model
     from models.albef import SpecialTokens
 

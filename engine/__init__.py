@@ -21,12 +21,13 @@ _EXPORTS = {  # name -> the module that defines it
     "Progress": "engine.task",
     "Task": "engine.task",
     "Trainer": "engine.trainer",
-    "build_arg_parser": "engine.trainer",
-    "build_trainer": "engine.trainer",
-    "main_for": "engine.trainer",
-    "run": "engine.trainer",
+    "build_arg_parser": "engine.cli",
+    "build_trainer": "engine.cli",
+    "main_for": "engine.cli",
+    "run": "engine.cli",
 }
-_SUBMODULES = {"checkpoint", "config", "dist", "errors", "launch", "logger", "task", "throughput", "trainer"}
+_SUBMODULES = {"backend", "backend_deepspeed", "backend_torch", "batches", "checkpoint", "cli", "config", "dist",
+               "errors", "launch", "logger", "runtime", "state", "task", "throughput", "trainer"}
 
 __all__ = [
     "ENGINE_DEFAULTS",
@@ -47,9 +48,10 @@ __all__ = [
 
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on demand
     from engine import dist
+    from engine.cli import build_arg_parser, build_trainer, main_for, run
     from engine.config import ENGINE_DEFAULTS, OPEN_KEYS, Config, build_schema, load_config, save_config
     from engine.task import Progress, Task
-    from engine.trainer import Trainer, build_arg_parser, build_trainer, main_for, run
+    from engine.trainer import Trainer
 
 
 def __getattr__(name: str) -> Any:

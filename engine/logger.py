@@ -11,12 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
+
+from common import dist
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-PROJECT_PACKAGES = ("dataset", "models", "tasks", "optim", "scheduler", "metrics", "refTools", "vqaTools")
+PROJECT_PACKAGES = ("common", "dataset", "models", "tasks", "optim", "scheduler", "metrics", "refTools", "vqaTools")
 
 
 class RunLogger:
@@ -80,6 +83,20 @@ class RunLogger:
                     writer.add_scalar(key, value, step)
             writer.flush()
 
+    def train_record(self, record: dict[str, Any], step: int, total_steps: int, loss_name: str) -> None:
+        """A training window's record: in log.jsonl and TensorBoard in full, as a text line without the finer speed
+        fields, and on the bar (`loss_name`: the loss it shows)."""
+        self.log_record(record, step)
+        quiet = {"epoch", "train/data_wait_s", "train/compute_s", "train/samples_per_s_per_device",
+                 "train/tflops_per_device"}  # in log.jsonl and TensorBoard, left out of the text line
+        self.info("step %d/%d epoch %d: %s", step, total_steps, record["epoch"],
+                  ", ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in record.items() if k not in quiet))
+        bar = {"loss": record.get(f"train/{loss_name}", float("nan")), "lr": record["train/lr"],
+               "samples/s": record["train/samples_per_s"]}
+        if "train/mfu" in record:
+            bar["mfu"] = record["train/mfu"]
+        self.update_bar(0, **bar)
+
     def start_bar(self, total: int, initial: int) -> None:
         """A tqdm bar over optimizer steps on rank 0 when stderr is a terminal (logs carry progress otherwise)."""
         self.close_bar()
@@ -111,3 +128,32 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class LossWindow:
+    """The named losses and gradient norms of the optimizer steps since the last training record, summed on the
+    device: one host sync per record, none per step."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.micro_batches = 0
+
+    def add(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, micro_batches: int) -> None:
+        """One optimizer step: its losses summed over its `micro_batches`, and its gradient norm."""
+        for name, value in [*losses.items(), ("grad_norm", grad_norm)]:
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+        self.micro_batches += micro_batches
+
+    def reduce(self) -> dict[str, float]:
+        """train/<loss> per micro-batch and train/grad_norm per step, averaged over the ranks (collective); clears."""
+        names = sorted(self.sums)
+        values = dist.all_reduce_mean(torch.stack([self.sums[n] for n in names])).tolist()
+        out = {f"train/{name}": value / (self.steps if name == "grad_norm" else self.micro_batches)
+               for name, value in zip(names, values, strict=True)}
+        self.clear()
+        return out

@@ -175,3 +175,54 @@ class Task(abc.ABC):
 
     def on_epoch_end(self, epoch: int) -> None:  # noqa: B027 - an optional hook, deliberately empty by default
         """Hook after each training epoch (before its evaluation)."""
+
+
+# The engine's side of the contract: what it checks of a task's loader and losses, and how it runs its evaluation.
+
+
+def check_train_loader(task: Task, loader: DataLoader) -> None:
+    """A ValueError unless `loader` can resume mid-epoch: a ResumableDistributedSampler and a fixed batch_size."""
+    sampler = loader.sampler
+    if not hasattr(sampler, "set_start_batch") or not hasattr(sampler, "set_epoch"):
+        raise ValueError(
+            f"{type(task).__name__}.build_train_loader must use dataset.sampler.ResumableDistributedSampler "
+            f"(got {type(sampler).__name__}): resuming mid-epoch needs set_epoch/set_start_batch"
+        )
+    if loader.batch_size is None:
+        raise ValueError("the training loader must have a batch_size (no custom batch_sampler): resume needs it")
+
+
+def weighted_loss_sum(task: Task, losses: Any, weights: dict[str, float], total_name: str) -> torch.Tensor:
+    """The sum of train_step's named scalar `losses`, each times its weight (train.loss_weights, default 1), in
+    float32; a ValueError naming the task for anything else than a non-empty dict of scalar tensors."""
+    if not isinstance(losses, dict) or not losses or total_name in losses:
+        raise ValueError(f"{type(task).__name__}.train_step must return a non-empty dict of named scalar losses (not "
+                         f"named {total_name!r}), got {type(losses).__name__} "
+                         f"{list(losses) if isinstance(losses, dict) else ''}")
+    total = None
+    for name, loss in losses.items():
+        if not torch.is_tensor(loss) or loss.ndim != 0:
+            raise ValueError(f"train_step loss {name!r} must be a scalar tensor, got "
+                             f"{getattr(loss, 'shape', type(loss).__name__)}")
+        weighted = loss.float() * float(weights.get(name, 1.0))
+        total = weighted if total is None else total + weighted
+    return total
+
+
+def evaluate_splits(task: Task, model: nn.Module) -> dict[str, float]:
+    """'<split>/<metric>' for every eval split of `task` on `model` (as it is: the caller sets eval mode, no_grad and
+    autocast), with '<split>/skipped_images' where unreadable images were left out (data.eval_skip_broken_images)."""
+    from dataset.datasets import EvalImageError  # here, not at the top: the engine alone stays light to import
+
+    metrics: dict[str, float] = {}
+    for split in task.eval_splits():
+        try:
+            split_metrics = task.evaluate(model, split)
+        except EvalImageError as err:  # from a loader worker it arrives through torch's re-raise: one line
+            raise EvalImageError(str(err)) from None
+        for key, value in split_metrics.items():
+            metrics[f"{split}/{key}"] = float(value)
+        skipped = getattr(task, "skipped_eval_images", {}).get(split)
+        if skipped is not None:
+            metrics[f"{split}/skipped_images"] = float(skipped)
+    return metrics

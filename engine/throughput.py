@@ -105,6 +105,8 @@ class StepMeter:
         self.world_size = world_size
         self.peak_flops = peak_flops
         self.flops_per_sample: float | None = None
+        self.windows = 0  # windows turned into fields so far
+        self.warned_epoch = -1  # the epoch of the last input-bound warning
         self.reset()
 
     def reset(self) -> None:
@@ -145,3 +147,12 @@ class StepMeter:
             out["train/tflops_per_device"] = self.flops_per_sample * per_device / 1e12
             out["train/mfu"] = self.flops_per_sample * per_device / self.peak_flops
         return out
+
+    def input_bound(self, fields: dict[str, float], limit: float, epoch: int) -> bool:
+        """Whether to warn that a window (its `fields`) waited for data more than `limit` of its time: once an epoch,
+        and never for the run's first window, which holds the loader workers' start-up."""
+        self.windows += 1
+        if fields["train/data_wait_share"] <= limit or self.warned_epoch == epoch or self.windows == 1:
+            return False
+        self.warned_epoch = epoch
+        return True

@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import dataset.datasets
-from engine.trainer import compile_model
+from engine.backend import compile_model
 from tests.conftest import REPO
 
 MAX_TOKENS = 24

@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
+from engine.cli import build_arg_parser
 from engine.config import ENGINE_DEFAULTS, Config, build_schema, load_config, parse_override, save_config
-from engine.trainer import build_arg_parser
 
 SCHEMA = {
     **ENGINE_DEFAULTS,
