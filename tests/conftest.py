@@ -12,6 +12,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the session's demo pretraining (`pretrained_demo`, about two minutes to set up) is slow, so that
+    the inner loop (-m "not slow") never starts it; the other slow tests carry @pytest.mark.slow themselves."""
+    for item in items:
+        if "pretrained_demo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     """Two cores shared by the suite: keep torch from oversubscribing them."""

@@ -31,6 +31,7 @@ def _break(path: Path, how: str) -> None:
     path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "not_an_image": b"plain text\n"}[how])
 
 
+@pytest.mark.slow
 def test_pretrain_survives_6_broken_of_1050_images_with_workers(tmp_path_factory):
     """The reported case: 0.57% broken images, below the default max_bad_image_fraction of 1%, stopped the run after
     2 failures in 173 loads. One epoch of Pretrain.py with 2 loader workers and the default guard must finish, log
@@ -107,6 +108,7 @@ def _retrieval_eval_argv(data: Path, image_root: Path, out: Path, *opts: str) ->
             f"data.val_file={data / 'retrieval_val.json'}", "data.test_file=", "eval.k_test=4", *opts]
 
 
+@pytest.mark.slow
 def test_evaluation_never_scores_an_unreadable_image(synthetic_dir, tmp_path):
     from Retrieval import main
 

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -62,6 +63,7 @@ def check_compiled_run(steps: list[dict], loss_names: list[str], max_compiles: i
     assert counters["stats"]["unique_graphs"] <= max_compiles, dict(counters["stats"])
 
 
+@pytest.mark.slow
 def test_compiled_pretraining_with_varying_caption_lengths(synthetic_dir, tmp_path, monkeypatch):
     from Pretrain import main
 
@@ -75,6 +77,7 @@ def test_compiled_pretraining_with_varying_caption_lengths(synthetic_dir, tmp_pa
     assert len({longest for *_, longest in tokenised[:4]}) >= 2, tokenised  # ... although their captions differ
 
 
+@pytest.mark.slow
 def test_compiled_vqa_with_varying_question_lengths_and_answer_counts(synthetic_dir, tmp_path, monkeypatch):
     from VQA import main
 
@@ -93,6 +96,7 @@ def test_compiled_vqa_with_varying_question_lengths_and_answer_counts(synthetic_
     assert len({count for _, count, _, _ in answers[:4]}) >= 2, answers  # how many answers 8 questions have varies
 
 
+@pytest.mark.slow
 def test_compiled_pretraining_step_equals_eager(tmp_path):
     """The memory-saving layers (models.layers' autograd Functions: ViT LeanBlock, the lean MLPs, the tied decoder;
     the ITC loss that forms its gradient in forward) are traced into the compiled graph; the sparse word-embedding

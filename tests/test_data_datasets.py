@@ -342,6 +342,7 @@ def test_bad_image_rule_judges_the_evidence_not_the_running_fraction():
         assert not any(bad_image_rate_exceeds(k, int(n), 0.01) for k, n in enumerate(failed, 1))
 
 
+@pytest.mark.slow
 def test_too_many_broken_images_stop_with_a_clear_error(tmp_path):
     ann, root = _image_set(tmp_path, 40, broken=set(range(0, 40, 2)))  # half of the files
     dataset = RetrievalTrainDataset(ann, build_transform("train", RES), root, max_bad_image_fraction=0.05)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -25,6 +26,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_process_ddp_equals_single_process(tmp_path):
     out = tmp_path / "ddp"
     out.mkdir()
@@ -59,6 +62,7 @@ def test_two_process_ddp_equals_single_process(tmp_path):
         torch.testing.assert_close(c["local_grad"], expected)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_auto_equals_uninterrupted(tmp_path):
     opts = ["train.epochs=2", "toy.noise_std=0.1", "scheduler.name=cosine", "scheduler.warmup_steps=3"]
     straight = toy_run(tmp_path / "a", *opts)
@@ -78,6 +82,8 @@ def test_sigterm_then_resume_auto_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_deepspeed_zero2_two_cpu_processes_runs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator; the engine gives it a gloo group
     opts = ["deepspeed.enabled=true", "deepspeed.zero_stage=2", "train.amp=none", "train.epochs=2",

@@ -188,7 +188,7 @@ def test_resume_refuses_arbitrary_pickle(tmp_path):
         toy_run(tmp_path / "out", flags=("--resume", str(evil)))
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])  # fp16 on CPU: ~15 s
 def test_amp_modes_train_on_cpu(tmp_path, amp):
     trainer = toy_run(tmp_path, f"train.amp={amp}", "train.epochs=3", "train.clip_grad_norm=5.0")
     assert trainer.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]

@@ -151,10 +151,14 @@ def interrupt_resume_and_compare(data: Path, out: Path, reference: dict[str, tor
     assert not differ, f"{len(differ)} of {len(reference)} tensors differ from the uninterrupted run: {differ[:5]}"
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_sigterm_to_the_launcher_with_loader_workers_saves_and_resumes_exactly(synthetic_dir, tmp_path, uninterrupted):
     interrupt_resume_and_compare(synthetic_dir, tmp_path / "run", uninterrupted, everyone=False)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_sigterm_to_every_process_of_the_job_saves_and_resumes_exactly(synthetic_dir, tmp_path, uninterrupted):
     """SLURM signals every process of a job step, `timeout` every process of its group: the loader workers get the
     signal straight from outside, and the ranks get it twice (directly and forwarded by torchrun)."""
@@ -215,6 +219,7 @@ def test_loader_workers_ignore_outside_stop_signals_but_stop_on_shutdown():
     shutdown_workers(loader)
 
 
+@pytest.mark.slow
 def test_a_stuck_loader_worker_still_ends_on_shutdown():
     """A worker that does not answer the shutdown request gets torch's fallback, a SIGTERM from its main process:
     that one is obeyed."""

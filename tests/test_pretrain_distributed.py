@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -46,6 +47,8 @@ def _worker(rank: int, port: int, tmp: str, results: dict) -> None:
         dist.destroy()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_queues_hold_the_global_batch_in_rank_order(tmp_path):
     manager = mp.Manager()
     results = manager.dict()

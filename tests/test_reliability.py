@@ -43,6 +43,8 @@ def sha256(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- distributed
+@pytest.mark.slow
+@pytest.mark.dist
 def test_dead_rank_stops_the_job_with_a_clear_error(tmp_path):
     out = tmp_path / "run"
     cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "--max_restarts=0", TOY,
@@ -59,6 +61,8 @@ def test_dead_rank_stops_the_job_with_a_clear_error(tmp_path):
     assert ckpt.find_resume_checkpoint(out)[1]["step"] == 4  # the last checkpoint before the failure is usable
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_hung_rank_times_out_after_dist_timeout(tmp_path):
     """Ranks launched without torchrun (as srun does): nothing kills the survivors but the process-group timeout."""
     out = tmp_path / "run"
@@ -86,6 +90,8 @@ def test_hung_rank_times_out_after_dist_timeout(tmp_path):
     assert "train.dist_timeout_s=4 s" in stderr and "Timed out" in stderr
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_torchrun_restart_with_resume_auto_finishes_the_run(tmp_path):
     """A rank dies at step 5; torchrun restarts the job once and --resume auto continues from the step-4 checkpoint."""
     out = tmp_path / "run"

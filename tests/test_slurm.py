@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from engine import checkpoint as ckpt
 from tests.test_engine_dist import free_port
 from tests.test_preemption import (
@@ -129,6 +131,8 @@ def sbatch(env: dict[str, str], *flags: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_sbatch_time_limit_signal_reaches_training_saves_requeues_and_resumes(synthetic_dir, tmp_path):
     env = slurm_env(tmp_path)
     out = tmp_path / "run"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +67,7 @@ def test_pretrained_text_encoder_initialises_every_decoder_layer(tmp_path):
     assert load_checkpoint(again, model.state_dict(), strict=True) == ([], [])  # own checkpoints load as they are
 
 
+@pytest.mark.slow
 def test_caption_trains_evaluates_and_captions_a_folder(synthetic_dir, tmp_path):
     """~200 optimizer steps of a tiny model (10-60 s on a shared 2-core CPU); the baseline is the untrained model,
     evaluated before the first step."""
@@ -100,6 +102,8 @@ def test_caption_trains_evaluates_and_captions_a_folder(synthetic_dir, tmp_path)
     assert all(c["caption"] for c in captions)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_caption_two_gloo_processes(synthetic_dir, tmp_path):
     out = tmp_path / "caption2"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",

@@ -92,6 +92,8 @@ def test_one_epoch_then_accuracy_equals_a_per_expression_recount(trained, synthe
     assert set(chance) == set(SPLIT_KEYS) and all(0 < value < 100 for value in chance.values())
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_processes_evaluate_to_the_same_accuracy(trained, synthetic_dir, tmp_path) -> None:
     out, metrics = trained
     with socket.socket() as sock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from models import create_model, load_checkpoint
@@ -23,6 +24,8 @@ def nlvr_model(synthetic_dir: Path) -> torch.nn.Module:
     return create_model("nlvr", cfg.model, tokenizer=build_tokenizer(str(synthetic_dir / "vocab.txt")))
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_pretrain_nlvr_two_processes(synthetic_dir: Path, tmp_path: Path) -> None:
     metrics = run_two_processes("Pretrain_nlvr", tmp_path / "pre", synthetic_dir, "data.batch_size=8")
     assert set(metrics) == {"val/acc"} and 0.0 <= metrics["val/acc"] <= 100.0
@@ -30,6 +33,8 @@ def test_pretrain_nlvr_two_processes(synthetic_dir: Path, tmp_path: Path) -> Non
     assert any(key.startswith("ta_head.") for key in state)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_nlvr_fine_tunes_from_text_assignment_checkpoint(synthetic_dir: Path, tmp_path: Path) -> None:
     pre = tmp_path / "pre"
     run_in_process("Pretrain_nlvr", pre, synthetic_dir, "train.max_steps=2")

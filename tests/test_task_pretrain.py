@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,8 @@ def test_pretrain_trains_evaluates_and_reports_a_skipped_image(synthetic_dir, tm
         assert key in state["model"], key  # official key names
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_pretrain_under_torchrun_with_two_gloo_processes(synthetic_dir, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -67,6 +70,8 @@ def test_pretrain_under_torchrun_with_two_gloo_processes(synthetic_dir, tmp_path
     assert int(state["model"]["queue_ptr"]) == (3 * 2 * 8) % 32  # 3 steps x global batch 16, wrapped
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_pretrain_with_deepspeed_zero2_on_two_cpu_processes_runs_and_resumes(synthetic_dir, tmp_path):
     """DeepSpeed ZeRO-2 through the real entry point (gloo); checkpoints keep the official key shapes."""
     out = tmp_path / "ds"

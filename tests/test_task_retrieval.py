@@ -147,6 +147,8 @@ def test_zero_shot_evaluate_of_a_pretraining_checkpoint(synthetic_dir: Path, tmp
 
 
 # ----------------------------------------------------------------------------------------- entry point, 2 processes
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_processes_train_and_evaluate_like_one(synthetic_dir: Path, tmp_path: Path) -> None:
     """torchrun with 2 gloo processes trains and evaluates; evaluating its checkpoint in one process gives exactly
     the numbers the two processes reported."""

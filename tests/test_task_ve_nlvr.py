@@ -101,6 +101,8 @@ def test_ve_learns_above_chance(synthetic_dir: Path, tmp_path: Path) -> None:
     assert metrics["val/acc"] > 55.0 and metrics["test/acc"] > 55.0, metrics
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_ve_two_processes_evaluate_like_one(synthetic_dir: Path, tmp_path: Path) -> None:
     two = run_two_processes("VE", tmp_path / "two", synthetic_dir, "data.batch_size=8")
     one = run_in_process("VE", tmp_path / "one", synthetic_dir,

@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -96,6 +97,7 @@ def majority(entry: dict) -> str:
     return Counter(entry["answer"]).most_common(1)[0][0]
 
 
+@pytest.mark.slow
 def test_vqa_learns_above_a_constant_answer_slow(synthetic_dir, tmp_path):
     """~330 optimizer steps of a tiny model (20-100 s on a shared 2-core CPU). Learning is measured as top-1
     agreement with the annotators' majority answer, against the best constant answer; the official accuracy is
@@ -120,6 +122,8 @@ def test_vqa_learns_above_a_constant_answer_slow(synthetic_dir, tmp_path):
     assert (out / "checkpoint_best.pth").is_file()  # the demo config selects on val accuracy
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_vqa_two_gloo_processes(synthetic_dir, tmp_path):
     out = tmp_path / "vqa2"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",

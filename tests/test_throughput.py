@@ -117,6 +117,7 @@ def test_input_bound_run_is_warned(tmp_path):
     assert all("train/mfu" not in r for r in records)  # count_flops off: no MFU field
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_runs_every_section_on_cpu(tmp_path):
     from benchmarks import gpu_check
 

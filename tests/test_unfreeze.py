@@ -178,6 +178,8 @@ def test_engine_unfreezes_at_the_epoch_end_and_resumes(tmp_path):
         assert f"after {int(step > 8)} epochs" in _log_lines(out)[0]
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("compiled", [False, True])
 def test_engine_unfreezing_under_ddp_equals_one_process(tmp_path, compiled):
     """2 gloo processes x batch 2 == 1 process x batch 4, across the stage change: DDP is wrapped again (and compiled

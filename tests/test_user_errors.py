@@ -68,6 +68,7 @@ def demo_model(task_cls: type, config: str, synthetic_dir: Path) -> torch.nn.Mod
 
 
 # ------------------------------------------------------------------------------------------ through a subprocess
+@pytest.mark.slow
 def test_missing_config_names_the_nearest_and_debug_shows_the_traceback(tmp_path: Path) -> None:
     args = ["--config", "configs/demo/Retrival.yaml", "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
     proc = run_script("Retrieval.py", *args)
@@ -79,6 +80,7 @@ def test_missing_config_names_the_nearest_and_debug_shows_the_traceback(tmp_path
     assert "FileNotFoundError: config file configs/demo/Retrival.yaml does not exist" in debug.stderr
 
 
+@pytest.mark.slow
 def test_vqa_evaluate_with_a_retrieval_checkpoint_is_refused(synthetic_dir: Path, tmp_path: Path) -> None:
     """The issue's case: the answer decoder is not in a retrieval checkpoint, so evaluating VQA from it would score
     an untrained decoder (it printed val/accuracy=25.11 and exit 0)."""
@@ -96,6 +98,7 @@ def test_vqa_evaluate_with_a_retrieval_checkpoint_is_refused(synthetic_dir: Path
     assert "val/accuracy" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_unrelated_checkpoint_is_refused_before_training(synthetic_dir: Path, tmp_path: Path) -> None:
     """A torch file with unrelated keys used to give 'missing keys (255)' and train from random weights."""
     path = tmp_path / "unrelated.pth"
@@ -119,6 +122,7 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_hostile_checkpoint_gets_our_message_and_runs_nothing(synthetic_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "payload_ran"
     path = tmp_path / "hostile.pth"
@@ -132,6 +136,7 @@ def test_hostile_checkpoint_gets_our_message_and_runs_nothing(synthetic_dir: Pat
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_predict_device_cuda_without_cuda_says_so(tmp_path: Path) -> None:
     proc = run_script("Predict.py", "--checkpoint", str(tmp_path / "any.pth"), "--image", "x.jpg", "--text", "a cat",
