@@ -46,6 +46,7 @@ def _assert_scores_equal(ours: dict, expected: dict) -> None:
     assert 0.0 < ours["Bleu_1"] <= 1.0 and ours["CIDEr"] > 0.0
 
 
+@pytest.mark.slow
 def test_caption_metrics_equal_pycocoevalcap() -> None:
     java = shutil.which("java") is not None
     missing_before = spice_missing_jars()
