@@ -23,8 +23,10 @@ import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Hashable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -198,3 +200,39 @@ def coco_caption_eval(
         if not isinstance(results, list):
             raise ValueError(f"{result_file}: expected a list of {{image_id, caption}}")
     return caption_metrics(gt_file, results, meteor=meteor, spice=spice)
+
+
+class ConstantCaption(NamedTuple):
+    """The best single caption for every image (``best_constant_caption``): the strongest trivial captioner."""
+
+    caption: str  # lower-cased, punctuation-free (the form CIDEr scores)
+    cider: float  # its CIDEr on the references
+    count: int  # how often it occurs among the training captions
+    num_candidates: int  # how many frequent training captions were tried
+
+
+def best_constant_caption(train_captions: Iterable[str], references: References, top_n: int = 40) -> ConstantCaption:
+    """The one caption that, given to every image of ``references`` (image_id -> captions), scores the highest CIDEr,
+    among the ``top_n`` most frequent ``train_captions`` (counted after lower-casing and dropping punctuation, so
+    'A red circle.' and 'a red circle' are one caption; ties in frequency by first occurrence).
+
+    A captioner that ignores the image can do this well, so a learning check compares with it. Tokenised and scored
+    the way ``caption_metrics`` scores (PTB tokenizer with Java, else the simple one); CIDEr's document frequencies
+    come from the references only, so every candidate is scored against the same statistics."""
+    counts = Counter(" ".join(_SIMPLE_TOKEN_RE.findall(text.lower())) for text in train_captions)
+    counts.pop("", None)
+    if not counts:
+        raise ValueError("best_constant_caption: no training captions (or only empty ones)")
+    if not references:
+        raise ValueError("best_constant_caption: no reference captions to score against")
+    candidates = [caption for caption, _ in counts.most_common(top_n)]
+    tokenize = ptb_tokenize if shutil.which("java") is not None else simple_tokenize
+    tokenised_refs = tokenize({key: list(refs) for key, refs in references.items()})
+    tokenised = tokenize(dict(enumerate([caption] for caption in candidates)))
+    best = None
+    for index, caption in enumerate(candidates):
+        constant = {key: tokenised[index] for key in tokenised_refs}
+        cider = float(Cider().compute_score(tokenised_refs, constant)[0])
+        if best is None or cider > best.cider:
+            best = ConstantCaption(caption, cider, counts[caption], len(candidates))
+    return best

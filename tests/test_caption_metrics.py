@@ -13,7 +13,13 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from metrics.caption import caption_metrics, coco_caption_eval, simple_tokenize, spice_missing_jars
+from metrics.caption import (
+    best_constant_caption,
+    caption_metrics,
+    coco_caption_eval,
+    simple_tokenize,
+    spice_missing_jars,
+)
 
 GT = {
     1: ["A dog runs across the grass.", "a brown dog on a lawn", "The dog is running outside!"],
@@ -119,3 +125,27 @@ def test_result_errors() -> None:
         caption_metrics(GT, [], meteor=False, spice=False)
     with pytest.raises(ValueError, match="non-empty list of strings"):
         caption_metrics({1: "a dog"}, [{"image_id": 1, "caption": "a dog"}], meteor=False, spice=False)
+
+
+def test_best_constant_caption_equals_scoring_every_candidate_for_every_image() -> None:
+    """The best of the top_n most frequent training captions (case and punctuation folded when counting) is the one
+    whose CIDEr, given to every image through caption_metrics, is the highest; a less frequent caption is not tried."""
+    train = (["A dog on the grass.", "a dog on the grass", "a dog on the grass"]  # one caption, three spellings
+             + ["two horses in a field"] * 2 + ["a plate of food"] * 2 + ["a cat toy on a table"])  # the rarest
+    best = best_constant_caption(train, GT, top_n=3)
+    tried = ["a dog on the grass", "two horses in a field", "a plate of food"]
+    expected = {caption: caption_metrics(GT, [{"image_id": key, "caption": caption} for key in GT], meteor=False,
+                                         spice=False)["CIDEr"] for caption in tried}
+    winner = max(expected, key=expected.get)
+    assert (best.caption, best.num_candidates) == (winner, 3)
+    assert best.cider == pytest.approx(expected[winner], rel=1e-9)
+    assert best.count == {"a dog on the grass": 3}.get(winner, 2)
+    assert len(set(expected.values())) == 3  # the candidates score differently: the choice is a real one
+    # On images 1 and 2 the rarest caption scores best (CIDEr 1.37 against 0.96 for the dog), but only the 4 most
+    # frequent captions include it.
+    assert best_constant_caption(train, {1: GT[1], 2: GT[2]}, top_n=4).caption == "a cat toy on a table"
+    assert best_constant_caption(train, {1: GT[1], 2: GT[2]}, top_n=3).caption == "a dog on the grass"
+    with pytest.raises(ValueError, match="no training captions"):
+        best_constant_caption(["...", ""], GT)
+    with pytest.raises(ValueError, match="no reference captions"):
+        best_constant_caption(train, {})
