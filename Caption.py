@@ -23,9 +23,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from dataset.annotations import load_json_annotations
 from dataset.datasets import CaptionEvalDataset, CaptionTrainDataset
 from engine import dist, main_for
-from metrics.caption import caption_metrics, load_coco_references
+from metrics.caption import ConstantCaption, best_constant_caption, caption_metrics, load_coco_references
 from models.generation import GENERATION_DEFAULTS, GenerationSettings
 from tasks.base import AlbefTask, task_defaults
 from tasks.captioning import ImageFolderDataset, PromptCaptionCollator, generate_captions, prompt_ids
@@ -54,6 +55,10 @@ class CaptionTask(AlbefTask):
             "score_metrics": ["CIDEr"],  # 'score' = mean of these metrics (best checkpoint, early stopping)
             "meteor": True,  # METEOR (needs Java; reported as unavailable without it)
             "spice": False,  # SPICE (slow; needs Java and the Stanford CoreNLP jars already installed)
+            # > 0: also score the best constant caption (one caption for every image, the best by CIDEr among this
+            # many most frequent training captions) as <split>/constant_CIDEr, once per split and run: the floor a
+            # captioner that ignores the image reaches (40 CIDEr runs over the split: minutes on COCO's 5,000 images)
+            "constant_caption_candidates": 0,
         },
     )
     best_metric = "score"
@@ -62,6 +67,7 @@ class CaptionTask(AlbefTask):
         super().__init__(config, device)
         self.settings = GenerationSettings.from_config(config.generation)
         self.prompt_length = len(prompt_ids(self.tokenizer, config.caption.prompt))  # [CLS] + prompt word pieces
+        self.constant_captions: dict[str, ConstantCaption] = {}  # split -> its best constant caption (computed once)
 
     def build_train_loader(self):
         data = self.config.data
@@ -110,7 +116,27 @@ class CaptionTask(AlbefTask):
                                                                                  strict=True)})
             metrics = self.scores(caption_metrics(references, results, meteor=bool(self.config.eval.meteor),
                                                   spice=bool(self.config.eval.spice)))
+            constant = self.constant_caption(split, {item["image_id"]: references[item["image_id"]]
+                                                     for item in results})
+            if constant is not None:
+                metrics["constant_CIDEr"] = constant.cider
+                log.info("%s CIDEr %.4f = %.2fx the best constant caption's %.4f (%r, the best of the %d most "
+                         "frequent training captions, for every image)", split, metrics["CIDEr"],
+                         metrics["CIDEr"] / max(constant.cider, 1e-12), constant.cider, constant.caption,
+                         constant.num_candidates)
         return dist.broadcast_object(metrics)
+
+    def constant_caption(self, split: str, references: dict) -> ConstantCaption | None:
+        """The best constant caption of ``split`` (eval.constant_caption_candidates > 0 and training files given),
+        scored on the images of ``references``; computed at the first evaluation of the split, then reused."""
+        top_n = int(self.config.eval.constant_caption_candidates)
+        if top_n <= 0 or not self.config.data.train_file:
+            return None
+        if split not in self.constant_captions:
+            entries = load_json_annotations(list(self.config.data.train_file), "caption_train")
+            self.constant_captions[split] = best_constant_caption((entry["caption"] for entry in entries),
+                                                                  references, top_n=top_n)
+        return self.constant_captions[split]
 
     def scores(self, raw: dict[str, float | str]) -> dict[str, float]:
         """Numeric metrics plus 'score'; a metric that could not be computed is logged with its reason, not made up."""
