@@ -25,7 +25,7 @@ from typing import Any
 
 from dataset.annotations import load_json_annotations
 from dataset.datasets import CaptionEvalDataset, CaptionTrainDataset
-from engine import dist, main_for
+from engine import dist, main_for_families
 from metrics.caption import ConstantCaption, best_constant_caption, caption_metrics, load_coco_references
 from models.generation import GENERATION_DEFAULTS, GenerationSettings
 from tasks.base import AlbefTask, task_defaults
@@ -38,6 +38,7 @@ class CaptionTask(AlbefTask):
     name = "caption"
     model_task = "caption"
     config_defaults = task_defaults(
+        model={"arch": "albef_decoder"},  # the captioner family: albef_decoder | prefix_lm | show_attend_tell
         data={
             "train_file": [],  # [{image, caption, image_id}] files
             "val_file": "",  # [{image, caption: [..]}]; "" = no validation
@@ -165,7 +166,14 @@ class CaptionTask(AlbefTask):
             log.info("captioned %d of %d images of %s -> %s", len(named), len(dataset), data.image_folder, path)
         return {"num_images": float(len(results))}
 
-main = main_for(CaptionTask)
+# The captioner family, by model.arch: this file's ALBEF/BLIP-style decoder, ViECap-style text-only prefix captioning
+# into GPT-2 (tasks/caption_prefix.py), or the ResNet + LSTM soft-attention captioner (tasks/caption_sat.py).
+CAPTION_FAMILIES: dict = {
+    "albef_decoder": CaptionTask,
+    "prefix_lm": "tasks.caption_prefix:PrefixCaptionTask",
+    "show_attend_tell": "tasks.caption_sat:ShowAttendTellTask",
+}
+main = main_for_families("model.arch", CAPTION_FAMILIES, default="albef_decoder")
 
 if __name__ == "__main__":
     main()

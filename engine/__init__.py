@@ -24,6 +24,7 @@ _EXPORTS = {  # name -> the module that defines it
     "build_arg_parser": "engine.cli",
     "build_trainer": "engine.cli",
     "main_for": "engine.cli",
+    "main_for_families": "engine.cli",
     "run": "engine.cli",
 }
 _SUBMODULES = {"backend", "backend_deepspeed", "backend_torch", "batches", "checkpoint", "cli", "config", "dist",
@@ -42,13 +43,14 @@ __all__ = [
     "dist",
     "load_config",
     "main_for",
+    "main_for_families",
     "run",
     "save_config",
 ]
 
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on demand
     from engine import dist
-    from engine.cli import build_arg_parser, build_trainer, main_for, run
+    from engine.cli import build_arg_parser, build_trainer, main_for, main_for_families, run
     from engine.config import ENGINE_DEFAULTS, OPEN_KEYS, Config, build_schema, load_config, save_config
     from engine.task import Progress, Task
     from engine.trainer import Trainer

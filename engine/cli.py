@@ -7,12 +7,13 @@ Trainer) -> `Trainer.fit()`; a stop signal ends the process with status 0 after 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from engine import errors
-from engine.config import build_schema, load_config
+from engine.config import build_schema, load_config, peek_value
 from engine.launch import report_clean_stop
 from engine.task import Task
 from engine.trainer import Trainer
@@ -83,5 +84,33 @@ def main_for(task_cls: type[Task]) -> Any:
             return run(task_cls, argv)
         with errors.exit_on_user_error():
             return run(task_cls, None)
+
+    return main
+
+
+def main_for_families(key: str, families: dict[str, type[Task] | str], default: str) -> Any:
+    """`main = engine.main_for_families("model.arch", {"a": "tasks.x:ATask", ...}, "a")` - main_for() of the task class
+    that the config's ``key`` names (read from --config and --opts before the schema, which is the class's own, is
+    built). Classes are imported when chosen, so one family's dependencies never load for another."""
+
+    def pick(argv: Sequence[str] | None) -> type[Task]:
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--config", type=str, default=None)
+        parser.add_argument("--opts", nargs="*", action="extend", default=[])
+        known, _ = parser.parse_known_args(argv)
+        family = peek_value(known.config, known.opts, key, default)
+        if family not in families:
+            raise ValueError(f"{key}: {family!r} is not one of {sorted(families)}")
+        chosen = families[family]
+        if not isinstance(chosen, str):
+            return chosen
+        module, _, name = chosen.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+        if argv is not None:
+            return run(pick(argv), argv)
+        with errors.exit_on_user_error():
+            return run(pick(None), None)
 
     return main

@@ -359,6 +359,27 @@ def load_config(
     return Config(cfg)
 
 
+def peek_value(path: str | Path | None, overrides: Iterable[str], key: str, default: Any) -> Any:
+    """The value of dotted ``key`` that `path` (with its `base:` files) and `overrides` give, else ``default``; no
+    schema check. For choices made before the schema is known (which task class a family-switching script runs)."""
+    value = default
+    layers = [layer for layer, _ in _load_layers(Path(path))] if path else []
+    for layer in layers:
+        node: Any = layer
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        if node is not _MISSING:
+            value = node
+    for item in overrides:
+        name, raw = parse_override(item)
+        if name == key:
+            value = raw
+    return value
+
+
+_MISSING = object()
+
+
 def save_config(cfg: Mapping[str, Any], output_dir: str | Path) -> Path:
     """Write the resolved config to output_dir/config.yaml and return its path."""
     path = Path(output_dir) / "config.yaml"

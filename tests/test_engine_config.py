@@ -118,3 +118,42 @@ def test_arg_parser_flags():
     args = parser.parse_args(["--evaluate", "--resume", "auto", "--opts", "a=1", "b=2", "--opts", "c=3"])
     assert args.evaluate is True and args.resume == "auto" and args.opts == ["a=1", "b=2", "c=3"]
     assert parser.parse_args([]).evaluate is False
+
+
+def test_peek_value_reads_bases_then_file_then_overrides(tmp_path):
+    from engine.config import peek_value
+
+    (tmp_path / "base.yaml").write_text("model:\n  arch: a\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nseed: 3\n")
+    (tmp_path / "own.yaml").write_text("base: base.yaml\nmodel:\n  arch: b\n")
+    assert peek_value(tmp_path / "child.yaml", [], "model.arch", "z") == "a"
+    assert peek_value(tmp_path / "own.yaml", [], "model.arch", "z") == "b"
+    assert peek_value(tmp_path / "own.yaml", ["model.arch=c"], "model.arch", "z") == "c"
+    assert peek_value(None, [], "model.arch", "z") == "z"
+
+
+def test_family_switch_picks_the_class_and_refuses_an_unknown_family(tmp_path):
+    from engine.cli import main_for_families
+    from tests.toy_task import ToyTask
+
+    class Other(ToyTask):
+        pass
+
+    chosen = []
+
+    def fake_run(task_cls, argv):
+        chosen.append(task_cls)
+        return {}
+
+    import engine.cli as cli
+
+    main = main_for_families("model.arch", {"toy": ToyTask, "other": Other}, default="toy")
+    original, cli.run = cli.run, fake_run
+    try:
+        main([])
+        main(["--opts", "model.arch=other"])
+        with pytest.raises(ValueError, match="'nope' is not one of"):
+            main(["--opts", "model.arch=nope"])
+    finally:
+        cli.run = original
+    assert chosen == [ToyTask, Other]

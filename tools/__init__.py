@@ -1,0 +1,1 @@
+"""Command-line tools for using a trained model (features, search, zero-shot, export)."""
