@@ -118,9 +118,9 @@ class Backend(abc.ABC):
     def prune(self, output_dir: Path, keep: int) -> None:
         """Delete the backend's own checkpoint files beyond the newest `keep` (rank 0, after a save)."""
 
+    @abc.abstractmethod
     def rewrap(self) -> None:
         """Wrap the model again because the set of parameters that require gradients changed."""
-        raise NotImplementedError(f"{type(self).__name__} cannot change the trained parameters during a run")
 
     @abc.abstractmethod
     def features(self) -> list[str]:

@@ -145,6 +145,11 @@ class DeepSpeedBackend(Backend):
     def prune(self, output_dir: Path, keep: int) -> None:
         ckpt.prune_deepspeed_tags(output_dir / DS_FOLDER, keep)
 
+    def rewrap(self) -> None:
+        # DeepSpeed fixes the trained parameters when it builds its engine; check_config refuses optimizer.unfreeze.
+        raise ValueError("DeepSpeed cannot change the trained parameters during a run: leave optimizer.unfreeze "
+                         "empty or set deepspeed.enabled=false")
+
     def features(self) -> list[str]:
         compiled = ["torch.compile"] if self.cfg.train.compile else []
         return [*compiled, f"DeepSpeed ZeRO-{self.cfg.deepspeed.zero_stage}"]
