@@ -23,18 +23,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dataset.annotations import load_json_annotations
 from dataset.datasets import CaptionEvalDataset, CaptionTrainDataset
 from engine import dist, main_for_families
-from metrics.caption import ConstantCaption, best_constant_caption, caption_metrics, load_coco_references
+from metrics.caption import ConstantCaption
 from models.generation import GENERATION_DEFAULTS, GenerationSettings
 from tasks.base import AlbefTask, task_defaults
-from tasks.captioning import ImageFolderDataset, PromptCaptionCollator, generate_captions, prompt_ids
+from tasks.captioning import CaptionScoring, ImageFolderDataset, PromptCaptionCollator, generate_captions, prompt_ids
 
 log = logging.getLogger("alignfuse")
 
 
-class CaptionTask(AlbefTask):
+class CaptionTask(CaptionScoring, AlbefTask):
     name = "caption"
     model_task = "caption"
     config_defaults = task_defaults(
@@ -102,56 +101,12 @@ class CaptionTask(AlbefTask):
     def evaluate(self, model, split: str) -> dict[str, float]:
         if split == "folder":
             return self.caption_folder(model)
-        data = self.config.data
         dataset = self.eval_dataset(split)
         loader = self.loader(dataset, train=False, collate_fn=dataset.make_collator(self.tokenizer))
         results = generate_captions(model, self.tokenizer, loader, self.device, self.config.caption.prompt,
                                     self.settings, id_key="image_id", seed=int(self.config.seed))
-        metrics = None
-        if dist.is_main():
-            path = self.write_result(f"caption_{split}_eval{{n}}.json", results)
-            log.info("%s captions -> %s", split, path)
-            gt_file = data[f"{split}_gt_file"]
-            references = (load_coco_references(gt_file) if gt_file else
-                          {image_id: entry["caption"] for image_id, entry in zip(dataset.image_ids, dataset.entries,
-                                                                                 strict=True)})
-            metrics = self.scores(caption_metrics(references, results, meteor=bool(self.config.eval.meteor),
-                                                  spice=bool(self.config.eval.spice)))
-            constant = self.constant_caption(split, {item["image_id"]: references[item["image_id"]]
-                                                     for item in results})
-            if constant is not None:
-                metrics["constant_CIDEr"] = constant.cider
-                log.info("%s CIDEr %.4f = %.2fx the best constant caption's %.4f (%r, the best of the %d most "
-                         "frequent training captions, for every image)", split, metrics["CIDEr"],
-                         metrics["CIDEr"] / max(constant.cider, 1e-12), constant.cider, constant.caption,
-                         constant.num_candidates)
+        metrics = self.score_split(split, dataset, results) if dist.is_main() else None
         return dist.broadcast_object(metrics)
-
-    def constant_caption(self, split: str, references: dict) -> ConstantCaption | None:
-        """The best constant caption of ``split`` (eval.constant_caption_candidates > 0 and training files given),
-        scored on the images of ``references``; computed at the first evaluation of the split, then reused."""
-        top_n = int(self.config.eval.constant_caption_candidates)
-        if top_n <= 0 or not self.config.data.train_file:
-            return None
-        if split not in self.constant_captions:
-            entries = load_json_annotations(list(self.config.data.train_file), "caption_train")
-            self.constant_captions[split] = best_constant_caption((entry["caption"] for entry in entries),
-                                                                  references, top_n=top_n)
-        return self.constant_captions[split]
-
-    def scores(self, raw: dict[str, float | str]) -> dict[str, float]:
-        """Numeric metrics plus 'score'; a metric that could not be computed is logged with its reason, not made up."""
-        metrics = {key: float(value) for key, value in raw.items() if not isinstance(value, str)}
-        for key, reason in raw.items():
-            if isinstance(reason, str) and not reason.endswith("not requested"):
-                log.warning("caption metric %s: %s", key.removesuffix("_unavailable"), reason)
-        wanted = list(self.config.eval.score_metrics)
-        missing = [name for name in wanted if name not in metrics]
-        if not wanted or missing:
-            raise ValueError(f"eval.score_metrics {wanted}: {missing or 'empty'} not among the computed metrics "
-                             f"{sorted(metrics)}")
-        metrics["score"] = sum(metrics[name] for name in wanted) / len(wanted)
-        return metrics
 
     def caption_folder(self, model) -> dict[str, float]:
         data = self.config.data
@@ -160,10 +115,7 @@ class CaptionTask(AlbefTask):
         results = generate_captions(model, self.tokenizer, loader, self.device, self.config.caption.prompt,
                                     self.settings, id_key="index", seed=int(self.config.seed))
         if dist.is_main():
-            named = [{"image": dataset.files[item["index"]], **{k: v for k, v in item.items() if k != "index"}}
-                     for item in results]
-            path = self.write_result("captions_folder.json", named)
-            log.info("captioned %d of %d images of %s -> %s", len(named), len(dataset), data.image_folder, path)
+            self.write_folder_captions(dataset, results)
         return {"num_images": float(len(results))}
 
 # The captioner family, by model.arch: this file's ALBEF/BLIP-style decoder, ViECap-style text-only prefix captioning

@@ -1,10 +1,12 @@
-"""Captioning pieces shared by Caption.py and any inference script: the prompt collator, a dataset over a folder of
-images, and batched caption generation split across ranks and merged in memory."""
+"""Captioning pieces shared by Caption.py's captioner families and any inference script: the prompt collator, a
+dataset over a folder of images, batched caption generation split across ranks and merged in memory, and the scoring
+of the captions (result file, COCO metrics, score, best constant caption)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dataset.annotations import load_json_annotations
 from dataset.datasets import ImageTextCollator
 from dataset.tokenizer import tokenize
 from dataset.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, load_image, normalize
 from engine import dist
+from metrics.caption import ConstantCaption, best_constant_caption, caption_metrics, load_coco_references
 from models.generation import GenerationSettings
 from tasks.base import unwrap
 
@@ -80,19 +84,31 @@ def generate_captions(model: nn.Module, tokenizer: Any, loader: DataLoader, devi
                       settings: GenerationSettings, id_key: str, seed: int = 0) -> list[dict[str, Any]]:
     """``[{id_key: id, "caption": text}]`` for every item of an evaluation loader, sorted by id, on every rank; with
     ``settings.num_return_sequences`` n > 1 also ``"captions"``: all n (best beam first, or n samples), ``"caption"``
-    being the first of them (the one the metrics score).
-
-    Each rank captions its share in batches; the shares are gathered in memory and de-duplicated by id (the
-    evaluation sampler pads the last share with repeats). Items with ``ok`` False are left out."""
+    being the first of them (the one the metrics score). See `caption_loader`."""
     model = unwrap(model)
     context = prompt_ids(tokenizer, prompt).to(device)
     generator = torch.Generator(device=device).manual_seed(seed + dist.get_rank())  # nucleus sampling only
-    n = settings.num_return_sequences
-    results: list[tuple[Any, list[str]]] = []
-    for batch in loader:
+
+    def caption_batch(batch: dict[str, Any]) -> list[str]:
         image = normalize(batch["image"].to(device, non_blocking=True))
         tokens = model.generate(image, context, settings, generator=generator)  # (B * n, max_length)
-        texts = [text.strip() for text in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)]
+        return [text.strip() for text in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)]
+
+    return caption_loader(loader, caption_batch, settings.num_return_sequences, id_key)
+
+
+@torch.no_grad()
+def caption_loader(loader: DataLoader, caption_batch: Callable[[dict[str, Any]], list[str]], n: int,
+                   id_key: str) -> list[dict[str, Any]]:
+    """The captions of every item of an evaluation loader, by any captioner family: ``caption_batch(batch)`` gives
+    B * n texts (rows b * n .. b * n + n - 1 for item b). Returns ``[{id_key: id, "caption": text}]`` sorted by id, on
+    every rank, plus ``"captions"`` (all n) when n > 1.
+
+    Each rank captions its share in batches; the shares are gathered in memory and de-duplicated by id (the
+    evaluation sampler pads the last share with repeats). Items with ``ok`` False are left out."""
+    results: list[tuple[Any, list[str]]] = []
+    for batch in loader:
+        texts = caption_batch(batch)
         captions = [texts[row : row + n] for row in range(0, len(texts), n)]  # B lists of n
         ids = batch[id_key].tolist()
         keep = batch["ok"].tolist() if "ok" in batch else [True] * len(ids)
@@ -104,3 +120,66 @@ def generate_captions(model: nn.Module, tokenizer: Any, loader: DataLoader, devi
     if n == 1:
         return [{id_key: key, "caption": merged[key][0]} for key in sorted(merged)]
     return [{id_key: key, "caption": merged[key][0], "captions": merged[key]} for key in sorted(merged)]
+
+
+class CaptionScoring:
+    """What every captioner family (Caption.py's model.arch) does with its captions: the result file, COCO metrics,
+    ``score`` and the best constant caption (eval.* keys of Caption.py's schema). Mixed into a Task that has
+    ``config``, ``write_result`` and a ``constant_captions`` dict."""
+
+    config: Any
+    constant_captions: dict[str, ConstantCaption]
+
+    def score_split(self, split: str, dataset: Any, results: list[dict[str, Any]]) -> dict[str, float]:
+        """On the main rank: write ``caption_<split>_eval<N>.json``, score ``results`` against data.<split>_gt_file
+        (or the captions of ``dataset``, a CaptionEvalDataset) and add the best constant caption's CIDEr."""
+        data = self.config.data
+        path = self.write_result(f"caption_{split}_eval{{n}}.json", results)
+        log.info("%s captions -> %s", split, path)
+        gt_file = data[f"{split}_gt_file"]
+        references = (load_coco_references(gt_file) if gt_file else
+                      {image_id: entry["caption"] for image_id, entry in zip(dataset.image_ids, dataset.entries,
+                                                                             strict=True)})
+        metrics = self.scores(caption_metrics(references, results, meteor=bool(self.config.eval.meteor),
+                                              spice=bool(self.config.eval.spice)))
+        constant = self.constant_caption(split, {item["image_id"]: references[item["image_id"]] for item in results})
+        if constant is not None:
+            metrics["constant_CIDEr"] = constant.cider
+            log.info("%s CIDEr %.4f = %.2fx the best constant caption's %.4f (%r, the best of the %d most "
+                     "frequent training captions, for every image)", split, metrics["CIDEr"],
+                     metrics["CIDEr"] / max(constant.cider, 1e-12), constant.cider, constant.caption,
+                     constant.num_candidates)
+        return metrics
+
+    def write_folder_captions(self, dataset: ImageFolderDataset, results: list[dict[str, Any]]) -> None:
+        """On the main rank: ``captions_folder.json`` (``[{image, caption}]``) for data.image_folder."""
+        named = [{"image": dataset.files[item["index"]], **{k: v for k, v in item.items() if k != "index"}}
+                 for item in results]
+        path = self.write_result("captions_folder.json", named)
+        log.info("captioned %d of %d images of %s -> %s", len(named), len(dataset), dataset.folder, path)
+
+    def constant_caption(self, split: str, references: dict) -> ConstantCaption | None:
+        """The best constant caption of ``split`` (eval.constant_caption_candidates > 0 and training files given),
+        scored on the images of ``references``; computed at the first evaluation of the split, then reused."""
+        top_n = int(self.config.eval.constant_caption_candidates)
+        if top_n <= 0 or not self.config.data.train_file:
+            return None
+        if split not in self.constant_captions:
+            entries = load_json_annotations(list(self.config.data.train_file), "caption_train")
+            self.constant_captions[split] = best_constant_caption((entry["caption"] for entry in entries),
+                                                                  references, top_n=top_n)
+        return self.constant_captions[split]
+
+    def scores(self, raw: dict[str, float | str]) -> dict[str, float]:
+        """Numeric metrics plus 'score'; a metric that could not be computed is logged with its reason, not made up."""
+        metrics = {key: float(value) for key, value in raw.items() if not isinstance(value, str)}
+        for key, reason in raw.items():
+            if isinstance(reason, str) and not reason.endswith("not requested"):
+                log.warning("caption metric %s: %s", key.removesuffix("_unavailable"), reason)
+        wanted = list(self.config.eval.score_metrics)
+        missing = [name for name in wanted if name not in metrics]
+        if not wanted or missing:
+            raise ValueError(f"eval.score_metrics {wanted}: {missing or 'empty'} not among the computed metrics "
+                             f"{sorted(metrics)}")
+        metrics["score"] = sum(metrics[name] for name in wanted) / len(wanted)
+        return metrics
