@@ -37,6 +37,12 @@ Files under DIR (ALBEF's formats, unchanged). Image paths are relative to ``DIR/
 - COCO Karpathy captioning: ``coco_karpathy_train.json`` ``[{image, caption, image_id}]``,
   ``coco_karpathy_val.json`` / ``coco_karpathy_test.json`` ``[{image, caption: [...]}]`` and the COCO-format ground
   truth ``coco_karpathy_val_gt.json`` / ``coco_karpathy_test_gt.json`` for pycocoevalcap.
+- Cross-domain captioning (NoCaps-style), for the prefix captioner: ``coco_karpathy_train_indomain.json`` (the
+  training captions of every train image that does not hold both shapes of ``CROSS_DOMAIN_PAIR``, so that no training
+  caption mentions them together) and ``coco_karpathy_nocaps.json`` / ``coco_karpathy_nocaps_gt.json`` (the val and
+  test images that hold both, 5 captions each, in the evaluation formats above); ``entities.txt`` (the entity
+  vocabulary: shape and colour nouns, one a line) and ``lm_tokenizer/`` (a byte-level BPE in transformers' format,
+  trained on the texts, for the GPT-2 of the prefix captioner; see dataset.prefix_text).
 """
 
 from __future__ import annotations
@@ -53,9 +59,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dataset.prefix_text import build_bpe_tokenizer, hard_prompt
 from dataset.tokenizer import build_vocab, split_words, write_vocab
 
-FORMAT_VERSION = 2  # bump when the output changes (2: VQA count answers are digits, as in VQA v2)
+# bump when the output changes (2: VQA count answers are digits, as in VQA v2; 3: the cross-domain captioning split,
+# entities.txt and lm_tokenizer/ of the prefix captioner)
+FORMAT_VERSION = 3
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
@@ -75,6 +84,7 @@ COLUMNS: tuple[str, ...] = ("left", "center", "right")
 ROWS: tuple[str, ...] = ("top", "middle", "bottom")
 NEUTRAL_PROPERTIES: tuple[str, ...] = ("made of wood", "made of metal", "heavy", "expensive", "soft", "warm")
 VE_LABELS: tuple[str, ...] = ("entailment", "contradiction", "neutral")
+CROSS_DOMAIN_PAIR: tuple[str, str] = ("star", "cross")  # never together in coco_karpathy_train_indomain's captions
 
 _CELL_CENTRES = (1 / 6, 1 / 2, 5 / 6)  # grid cell centres as fractions of the image side
 _JITTER = 0.02  # max shift of a shape from its cell centre (fraction of the side); keeps large shapes apart
@@ -532,6 +542,30 @@ def _captioning_files(splits: dict[str, list[Scene]], rng: np.random.Generator, 
     return files
 
 
+def _cross_domain_files(splits: dict[str, list[Scene]], train: list[dict], rng: np.random.Generator) -> dict:
+    """In-domain training captions (train images without both shapes of CROSS_DOMAIN_PAIR) and the NoCaps-style
+    evaluation split (the held-out images with both)."""
+
+    def novel(scene: Scene) -> bool:
+        return all(any(obj.shape == shape for obj in scene.objects) for shape in CROSS_DOMAIN_PAIR)
+
+    excluded = {scene.image_id for scene in splits["train"] if novel(scene)}
+    scenes = [scene for split in ("val", "test") for scene in splits[split] if novel(scene)]
+    entries = [{"image": scene.file_name, "caption": sample_captions(scene, rng, 5)} for scene in scenes]
+    annotations = [{"image_id": scene.image_id, "caption": caption}
+                   for scene, entry in zip(scenes, entries, strict=True) for caption in entry["caption"]]
+    return {
+        "coco_karpathy_train_indomain": [entry for entry in train if entry["image_id"] not in excluded],
+        "coco_karpathy_nocaps": entries,
+        "coco_karpathy_nocaps_gt": {
+            "info": {"description": "AlignFuse synthetic captions, cross-domain split", "version": str(FORMAT_VERSION)},
+            "licenses": [], "type": "captions",
+            "images": [{"id": scene.image_id, "file_name": scene.file_name} for scene in scenes],
+            "annotations": [{**item, "id": index + 1} for index, item in enumerate(annotations)],
+        },
+    }
+
+
 def _ve_files(splits: dict[str, list[Scene]], rng: np.random.Generator) -> dict:
     files = {}
     for split, name in (("train", "ve_train"), ("val", "ve_dev"), ("test", "ve_test")):
@@ -678,7 +712,12 @@ FILES: dict[str, str] = {
     **{f"coco_karpathy_{s}": f"coco_karpathy_{s}.json" for s in ("train", "val", "test")},
     "coco_karpathy_val_gt": "coco_karpathy_val_gt.json",
     "coco_karpathy_test_gt": "coco_karpathy_test_gt.json",
+    "coco_karpathy_train_indomain": "coco_karpathy_train_indomain.json",
+    "coco_karpathy_nocaps": "coco_karpathy_nocaps.json",
+    "coco_karpathy_nocaps_gt": "coco_karpathy_nocaps_gt.json",
     "vocab": "vocab.txt",
+    "entities": "entities.txt",
+    "lm_tokenizer": "lm_tokenizer",
     "manifest": "manifest.json",
 }
 
@@ -755,6 +794,7 @@ def generate(out_dir: str | Path, num_images: int = 600, image_size: int = 64, s
     files.update(_nlvr_files(splits, _task_rng(seed, 3)))
     files.update(_vqa_files(splits, _task_rng(seed, 4)))
     files.update(_grounding_files(splits, _task_rng(seed, 5), image_size))
+    files.update(_cross_domain_files(splits, files["coco_karpathy_train"], _task_rng(seed, 6)))
 
     for key, data in files.items():
         if key == "refcoco+_refs":
@@ -764,6 +804,8 @@ def generate(out_dir: str | Path, num_images: int = 600, image_size: int = 64, s
         else:
             _write_json(paths[key], data)
     write_vocab(build_vocab(_texts(files), extra_words=lexicon()), paths["vocab"])
+    paths["entities"].write_text("".join(f"{name}\n" for name in (*SHAPES, *COLOURS)), encoding="utf-8")
+    build_bpe_tokenizer([*_texts(files), *lexicon(), hard_prompt(SHAPES[:2]), hard_prompt([])], paths["lm_tokenizer"])
 
     manifest = {
         "generator": "dataset.synthetic",
