@@ -31,8 +31,9 @@ MODEL_REGISTRY: dict[str, str] = {
     "grounding": "models.model_retrieval:AlbefRetrieval",
 }
 
-__all__ = ["MODEL_DEFAULTS", "MODEL_REGISTRY", "CheckpointLoad", "SpecialTokens", "create_model", "load_checkpoint",
-           "load_checkpoint_detailed", "optional_checkpoint_keys", "read_state_dict"]
+__all__ = ["MODEL_DEFAULTS", "MODEL_REGISTRY", "CheckpointLoad", "Predictor", "SpecialTokens", "create_model",
+           "load_checkpoint", "load_checkpoint_detailed", "load_model_and_transforms", "optional_checkpoint_keys",
+           "read_state_dict"]
 
 
 def model_class(task: str) -> type[nn.Module]:
@@ -144,3 +145,7 @@ def load_checkpoint(model: nn.Module, src: str | Path | dict[str, Tensor], stric
     if unexpected:
         log.info("unused checkpoint keys (%d): %s", len(unexpected), unexpected[:20])
     return missing, unexpected
+
+
+# Using a trained model (models/inference.py imports this module's functions: imported last).
+from models.inference import Predictor, load_model_and_transforms  # noqa: E402
