@@ -717,7 +717,7 @@ FILES: dict[str, str] = {
     "coco_karpathy_nocaps_gt": "coco_karpathy_nocaps_gt.json",
     "vocab": "vocab.txt",
     "entities": "entities.txt",
-    "lm_tokenizer": "lm_tokenizer",
+    "lm_tokenizer": "lm_tokenizer/tokenizer.json",  # the folder lm_tokenizer/ is the tokenizer (transformers' format)
     "manifest": "manifest.json",
 }
 
@@ -805,7 +805,8 @@ def generate(out_dir: str | Path, num_images: int = 600, image_size: int = 64, s
             _write_json(paths[key], data)
     write_vocab(build_vocab(_texts(files), extra_words=lexicon()), paths["vocab"])
     paths["entities"].write_text("".join(f"{name}\n" for name in (*SHAPES, *COLOURS)), encoding="utf-8")
-    build_bpe_tokenizer([*_texts(files), *lexicon(), hard_prompt(SHAPES[:2]), hard_prompt([])], paths["lm_tokenizer"])
+    build_bpe_tokenizer([*_texts(files), *lexicon(), hard_prompt(SHAPES[:2]), hard_prompt([])],
+                        paths["lm_tokenizer"].parent)
 
     manifest = {
         "generator": "dataset.synthetic",

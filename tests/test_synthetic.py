@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset.synthetic import COLOURS, FILES, NEUTRAL_PROPERTIES, SHAPES, SIZES, generate, main
+from dataset.synthetic import COLOURS, FILES, FORMAT_VERSION, NEUTRAL_PROPERTIES, SHAPES, SIZES, generate, main
 from dataset.tokenizer import build_tokenizer, split_words, tokenize
 
 NUM_IMAGES, IMAGE_SIZE = 80, 64  # what tests/conftest.py's synthetic_dir fixture generates
@@ -276,7 +276,7 @@ def test_cli_and_bad_parameters(tmp_path: Path, capsys):
     main(["--out", str(tmp_path / "cli"), "--num-images", "10", "--image-size", "32", "--seed", "1"])
     assert "10 images" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
-    assert manifest["params"] == {"num_images": 10, "image_size": 32, "seed": 1, "format_version": 2}
+    assert manifest["params"] == {"num_images": 10, "image_size": 32, "seed": 1, "format_version": FORMAT_VERSION}
     assert cv2.imread(str(tmp_path / "cli" / "images" / "synth_000000000010.jpg")).shape == (32, 32, 3)
     with pytest.raises(ValueError, match="num_images"):
         generate(tmp_path / "bad", num_images=3)
