@@ -147,7 +147,7 @@ def generation_config(settings: GenerationSettings, eos_id: int) -> Any:
     )
 
 
-def build_language_model(name_or_path: str, overrides: dict[str, Any], vocab_size: int) -> nn.Module:
+def build_language_model(name_or_path: str, overrides: dict[str, Any], vocab_size: int, eos_id: int) -> nn.Module:
     """GPT-2: pretrained weights by hub name or folder (``gpt2``), or, with ``name_or_path`` "", random init from
     GPT2Config(**overrides) (tests and the demo; nothing is downloaded) with the tokenizer's vocabulary size."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -161,7 +161,8 @@ def build_language_model(name_or_path: str, overrides: dict[str, Any], vocab_siz
     unknown = sorted(set(overrides) - set(GPT2Config().to_dict()))
     if unknown:
         raise ValueError(f"prefix.language_model_overrides: unknown GPT2Config keys {unknown}")
-    return GPT2LMHeadModel(GPT2Config(**{"vocab_size": vocab_size, **overrides}))
+    ids = {"vocab_size": vocab_size, "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    return GPT2LMHeadModel(GPT2Config(**{**ids, **overrides}))
 
 
 # ---------------------------------------------------------------------------------------------------- feature sources

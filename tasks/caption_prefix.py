@@ -240,7 +240,7 @@ class PrefixCaptionTask(CaptionScoring, AlbefTask):
                         mapping_layers=int(prefix.mapping_layers), mapping_heads=int(prefix.mapping_heads),
                         noise_variance=float(prefix.noise_variance))
         language_model = build_language_model(str(prefix.language_model), dict(prefix.language_model_overrides),
-                                              len(self.lm_tokenizer))
+                                              len(self.lm_tokenizer), self.lm_tokenizer.eos_token_id)
         return PrefixCaptioner(cfg, language_model, freeze_language_model=bool(prefix.freeze_language_model))
 
     def load_pretrained(self, model: nn.Module, path: str | Path, evaluate: bool = False,
