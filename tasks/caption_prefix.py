@@ -177,7 +177,9 @@ class PrefixCaptionTask(CaptionScoring, AlbefTask):
             raise FileNotFoundError(f"prefix.open_clip_weights {weights} does not exist (a local weights file)")
         if not weights:
             log.warning("prefix.open_clip_weights is empty: %s is randomly initialised (tests only)", name)
-        model = open_clip.create_model(name, pretrained=weights or None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.config.seed))  # a random-init source (tests) is the same on every rank
+            model = open_clip.create_model(name, pretrained=weights or None)
         image_size = model.visual.image_size
         image_size = image_size[0] if isinstance(image_size, tuple | list) else image_size
         if int(image_size) != int(self.config.model.image_res):
