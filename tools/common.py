@@ -171,6 +171,15 @@ def report_skipped(skipped: Sequence[dict[str, str]], total: int) -> None:
         log.warning("skipped %d of %d images that cannot be read: %s%s", len(skipped), total, shown, more)
 
 
+def publish(tmp: Path, path: Path) -> Path:
+    """Rename a finished temporary file onto ``path``, readable as the umask allows (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+    return path
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """Indented UTF-8 JSON, written to a temporary file first: the file is complete or absent."""
     path = Path(path)

@@ -41,6 +41,7 @@ from tools.common import (
     collect_images,
     encode_images,
     load_predictor,
+    publish,
     report_skipped,
     run_command,
     write_json,
@@ -240,7 +241,7 @@ def _merge(store: ChunkStore, out: Path, images: Sequence[ImageItem], text_ids: 
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(merged, str(tmp), metadata={"image_ids": json.dumps(kept), "text_ids": json.dumps(text_ids),
                                           "skipped": json.dumps(skipped)})
-    os.replace(tmp, out)
+    publish(tmp, out)
     write_json(out.with_suffix(".json"), summary)
     shutil.rmtree(store.folder)
     report_skipped(skipped, len(images))
