@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dataset.datasets import PretrainDataset
+from dataset.shards import SHARD_DEFAULTS
 from engine import main_for
 from tasks.base import AlbefTask, task_defaults
 from tasks.retrieval_eval import evaluate_retrieval_file, retrieval_eval_dataset
@@ -23,6 +24,7 @@ class PretrainTask(AlbefTask):
             "train_file": [],  # pretraining JSON files [{image, caption (str or list)}]
             "eval_file": "",  # optional retrieval-format file [{image, caption: [..]}] for zero-shot retrieval
             "eval_image_root": "",  # image folder of eval_file ("" = data.image_root)
+            **SHARD_DEFAULTS,  # train_shards (instead of train_file), samples_per_epoch, shuffle_buffer
         },
         eval={"k_test": 128},  # candidates re-ranked by ITM per query in retrieval evaluation
     )

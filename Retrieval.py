@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dataset.datasets import RetrievalEvalDataset, RetrievalTrainDataset
+from dataset.shards import SHARD_DEFAULTS
 from engine import main_for
 from tasks.base import task_defaults
 from tasks.itc_itm import ItcItmTask
@@ -30,6 +31,7 @@ class RetrievalTask(ItcItmTask):
             "train_file": [],  # [{image, caption, image_id}] files, one entry per caption
             "val_file": "",  # [{image, caption: [..]}]; picks the best checkpoint ("" = none)
             "test_file": "",  # [{image, caption: [..]}] ("" = none)
+            **SHARD_DEFAULTS,  # train_shards (instead of train_file), samples_per_epoch, shuffle_buffer
         },
         eval={
             "k_test": 256,  # candidates per query re-scored by ITM (ALBEF: 256 for COCO and Flickr30k)

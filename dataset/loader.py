@@ -22,7 +22,7 @@ from typing import Any
 
 import cv2
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from common import dist
 from dataset.sampler import ResumableDistributedSampler
@@ -95,6 +95,20 @@ class SignalSafeLoader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+class StreamLoader(SignalSafeLoader):
+    """The loader of an iterable dataset that plans its own epochs (dataset.shards.ShardStream): for the engine's
+    resume contract its ``sampler`` is that dataset (set_epoch / set_start_batch); torch's own sampler of an iterable
+    dataset (an endless placeholder) is kept aside."""
+
+    @property
+    def sampler(self) -> Any:
+        return self.dataset
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:  # DataLoader.__init__ sets it
+        self._placeholder_sampler = value
+
+
 def shutdown_workers(loader: DataLoader) -> None:
     """Stop the worker processes that a loader with persistent workers keeps between epochs (they would otherwise
     live until the loader is garbage-collected or the interpreter exits); the next iter() starts new ones."""
@@ -126,6 +140,24 @@ def create_loader(
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     drop_last = train if drop_last is None else drop_last
+    workers = num_workers > 0
+    if workers:
+        # Decoding and augmentation run in the workers, one OpenCV thread each (more would oversubscribe the cores).
+        # Set in this process so that the forked workers inherit it and the parent's OpenCV thread pool is wound
+        # down before the fork (see init_worker); images are not processed in this process when workers exist.
+        cv2.setNumThreads(1)
+        # The collators tokenize inside the workers; the Rust tokenizer's own thread pool would oversubscribe too.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if isinstance(dataset, IterableDataset):  # shards: the dataset splits its epochs over ranks and workers itself
+        if not (train and hasattr(dataset, "plan_loader")):
+            raise ValueError(f"{type(dataset).__name__}: only training loaders over a dataset with plan_loader "
+                             "(dataset.shards.ShardStream) may be iterable")
+        dataset.plan_loader(batch_size, num_workers, dist.get_rank(), dist.get_world_size())
+        # Not persistent: each epoch's workers must start from the epoch's plan (set_epoch / set_start_batch).
+        return StreamLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+                            pin_memory=torch.cuda.is_available(), drop_last=True,
+                            prefetch_factor=prefetch_factor if workers else None,
+                            worker_init_fn=functools.partial(init_worker, main_pid=os.getpid()) if workers else None)
     sampler = ResumableDistributedSampler(
         dataset,
         shuffle=train,
@@ -135,14 +167,6 @@ def create_loader(
         drop_last=drop_last,
         yield_epoch=train,
     )
-    workers = num_workers > 0
-    if workers:
-        # Decoding and augmentation run in the workers, one OpenCV thread each (more would oversubscribe the cores).
-        # Set in this process so that the forked workers inherit it and the parent's OpenCV thread pool is wound
-        # down before the fork (see init_worker); images are not processed in this process when workers exist.
-        cv2.setNumThreads(1)
-        # The collators tokenize inside the workers; the Rust tokenizer's own thread pool would oversubscribe too.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return SignalSafeLoader(
         dataset,
         batch_size=batch_size,

@@ -826,6 +826,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-images", type=int, default=600, help="number of images (train ~70%%, val/test ~15%%)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=0, metavar="N",
+                        help="also write pretrain.json as webdataset shards of N samples in OUT/pretrain_shards "
+                             "(data.train_shards; see dataset.shards)")
     args = parser.parse_args(argv)
     wanted = generator_params(args.num_images, args.image_size, args.seed)
     previous = existing_params(args.out)
@@ -834,6 +837,12 @@ def main(argv: list[str] | None = None) -> None:
                      f"{wanted}): choose another --out, or add --overwrite to replace it")
     paths = generate(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed)
     print(f"synthetic data in {paths['root']} ({args.num_images} images of {args.image_size} px, seed {args.seed})")
+    if args.shards:
+        from dataset.shards import convert  # here: webdataset only when shards are asked for
+
+        manifest = convert([paths["pretrain"]], None, Path(paths["root"]) / "pretrain_shards", args.shards)
+        print(f"pretraining shards in {Path(paths['root']) / 'pretrain_shards'} ({len(manifest['shards'])} shards, "
+              f"{manifest['total']} samples)")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,13 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageDecodeError(path, "file not found") from None
     except (IsADirectoryError, PermissionError, OSError) as error:
         raise ImageDecodeError(path, f"cannot read file ({error.strerror or error})") from None
+    return decode_image(data, path, max_pixels)
+
+
+def decode_image(data: np.ndarray | bytes, path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`load_image` on the bytes of an image already read (a tar member, say); ``path`` names it in errors."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(data, dtype=np.uint8)
     if data.size == 0:
         raise ImageDecodeError(path, "file is empty (0 bytes)")
     header = data[:65536].tobytes()

@@ -99,8 +99,21 @@ class AlbefTask(Task):
 
     def train_loader_for(self, dataset_cls: type, transform_kind: str, what: str, **options: Any) -> DataLoader:
         """The training loader over ``data.train_file`` read as ``dataset_cls`` (``what`` names the expected files in
-        the error when none are given)."""
+        the error when none are given), or, for tasks with the shard keys (dataset.shards.SHARD_DEFAULTS) and
+        ``data.train_shards`` set, over those webdataset shards with items of the same kind."""
         data = self.config.data
+        if data.get("train_shards"):
+            if data.train_file:
+                raise ValueError("data.train_file and data.train_shards are both set: train from one of them")
+            from dataset.shards import ShardStream  # here: only the tasks with the shard keys need it
+
+            options = self.dataset_options()
+            stream = ShardStream(data.train_shards, self.transform(transform_kind), dataset_cls.kind,
+                                 int(data.max_words), samples_per_epoch=int(data.samples_per_epoch),
+                                 shuffle_buffer=int(data.shuffle_buffer), **options)
+            loader = self.loader(stream, train=True)
+            log.info("%s", stream.describe())
+            return loader
         if not data.train_file:
             raise ValueError(f"data.train_file is empty: give the {what} annotation files")
         dataset = dataset_cls(list(data.train_file), self.transform(transform_kind), self.image_root(),
