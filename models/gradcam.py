@@ -15,6 +15,19 @@ over the words: every token except [CLS] and padding.
 attention fused (no probabilities exist), so the block's ``fused_attn`` is switched off for the call and a forward
 hook on its ``attn_drop`` (which receives the softmax probabilities) captures them.
 
+``caption`` (a captioning model, models.model_caption): the decoder's cross-attention to the image in one layer
+(default: the same layer index as itm's, whose cross-attention the decoder took over from the text encoder). For
+each scored token t of a caption (teacher-forced: [CLS] prompt caption), the log-probability log p(x_t | x_<t, image)
+is differentiated w.r.t. that layer's attention map, and its map is the formula above summed over the query rows
+(causal: only the rows before t get a gradient). The T tokens are T copies of the sequence in one batch, each
+differentiating its own token, so that one backward pass gives every token's map.
+
+``vqa`` (a VQA model, models.model_vqa): the answer decoder reads the question states, not the image, so the image
+enters through the question encoder's fusion layers: the answer's log-likelihood (the summed log-probabilities of its
+tokens, as VQA.py ranks answers) is differentiated w.r.t. the cross-attention of one fusion layer of the question
+encoder (default: the third, as itm). Each question token's row gives a map (which regions that word read for this
+answer), and the answer's map is their sum over the question's tokens, [CLS] included: the Grad-CAM of the whole map.
+
 Gradients are taken with ``torch.autograd.grad`` w.r.t. the attention map only: no parameter ``.grad`` is touched
 (safe inside DDP and between training steps), only the layers after the map are back-propagated, and it works
 inside the engine's ``torch.no_grad()`` evaluation and with frozen parameters.
@@ -29,7 +42,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-GRADCAM_MODES = ("itm", "itc")
+from models.xbert import decoder_nll
+
+GRADCAM_MODES = ("itm", "itc")  # the modes of an ITM model (compute_gradcam)
+GRADCAM_HEADS = ("itm", "itc", "caption", "vqa")  # every head that has a Grad-CAM
 
 
 @dataclass
@@ -162,3 +178,91 @@ def compute_gradcam(model: nn.Module, image: Tensor, input_ids: Tensor, attentio
     if mode == "itc":
         return itc_gradcam(model, image, input_ids, attention_mask, vit_block)
     raise ValueError(f"gradcam mode must be one of {GRADCAM_MODES}, got {mode!r}")
+
+
+@dataclass
+class CaptionGradCam:
+    """Grad-CAM of the tokens of one caption over the (h, w) patch grid."""
+
+    positions: list[int]  # the scored positions t of the sequence (after the prompt, up to the last real token)
+    token_ids: list[int]  # the token x_t at each position
+    token_maps: Tensor  # (T, h, w) one map per scored token
+    log_probs: Tensor  # (T,) log p(x_t | x_<t, image)
+
+
+def _decoder_block(num_layers: int, fusion_layer: int, block_num: int | None, what: str) -> int:
+    if block_num is None:
+        return third_fusion_layer(num_layers, fusion_layer)
+    if not 0 <= block_num < num_layers:
+        raise ValueError(f"gradcam block_num {block_num} is out of range for {what} of {num_layers} layers "
+                         f"(0..{num_layers - 1})")
+    return block_num
+
+
+def caption_gradcam(model: nn.Module, image: Tensor, input_ids: Tensor, attention_mask: Tensor, prompt_length: int,
+                    block_num: int | None = None) -> CaptionGradCam:
+    """Grad-CAM of every caption token of one sequence (see the module, ``caption``).
+
+    image: normalised (1, 3, H, W); input_ids / attention_mask (1, L): [CLS] prompt caption (an end token may follow:
+    it is scored too); ``prompt_length``: the tokens that are context ([CLS] + prompt). ``block_num``: the decoder
+    layer (None = the text encoder's third fusion layer index, clamped to the decoder)."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or image.shape[0] != 1:
+        raise ValueError(f"caption_gradcam explains one caption of one image: got image {tuple(image.shape)} and "
+                         f"input_ids {tuple(input_ids.shape)}")
+    decoder = model.text_decoder.bert
+    block_num = _decoder_block(decoder.config.num_hidden_layers, model.bert_config.fusion_layer, block_num,
+                               "the caption decoder")
+    length = int(attention_mask[0].sum())
+    positions = list(range(max(prompt_length, 1), length))
+    if not positions:
+        raise ValueError(f"nothing to explain: the sequence has {length} tokens and a prompt of {prompt_length}")
+    count = len(positions)
+    cross = decoder.encoder.layer[block_num].crossattention.self
+    with torch.no_grad():
+        image_embeds = model.encode_image(image)  # (1, 1 + N, D_v)
+    rows = torch.arange(count, device=input_ids.device)
+    targets = torch.tensor(positions, device=input_ids.device)  # (T,)
+    with torch.enable_grad(), _saving_attention(cross):
+        # The T copies share the image; a leaf that requires grad makes the attention differentiable.
+        states = image_embeds.detach().expand(count, -1, -1).clone().requires_grad_(True)
+        hidden = decoder(input_ids.expand(count, -1), attention_mask.expand(count, -1),
+                         encoder_hidden_states=states)  # (T, L, D)
+        logits = model.text_decoder.cls(hidden[rows, targets - 1]).float()  # (T, V): the prediction of x_t
+        log_probs = logits.log_softmax(dim=-1)[rows, input_ids[0, targets]]  # (T,)
+        attention = cross.attention_map  # (T, nh, L, 1 + N)
+        (grad,) = torch.autograd.grad(log_probs.sum(), attention)
+    maps = attention_gradcam(attention.detach(), grad, patch_grid(model))  # (T, L, h, w)
+    return CaptionGradCam(positions=positions, token_ids=input_ids[0, targets].tolist(), token_maps=maps.sum(dim=1),
+                          log_probs=log_probs.detach())
+
+
+def vqa_gradcam(model: nn.Module, image: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+                answer_mask: Tensor, block_num: int | None = None) -> GradCamMaps:
+    """Grad-CAM of the answers' log-likelihood (see the module, ``vqa``).
+
+    image: normalised (B, 3, H, W); input_ids / attention_mask (B, Lq): the questions; answer_ids / answer_mask
+    (B, La): one answer per question, [CLS] answer [SEP] (as VQA.py tokenizes the answer list). Returns the answer's
+    map as ``text_map`` (B, h, w), the map of each question token (B, Lq, h, w; zeros at padding) and the
+    log-likelihood as ``score`` (B,)."""
+    encoder = model.text_encoder
+    config = encoder.config
+    if block_num is None:
+        block_num = third_fusion_layer(config.num_hidden_layers, config.fusion_layer)
+    elif not config.fusion_layer <= block_num < config.num_hidden_layers:
+        raise ValueError(f"gradcam block_num {block_num} is not a fusion layer: the question encoder's "
+                         f"cross-attention layers are {config.fusion_layer}..{config.num_hidden_layers - 1}")
+    cross = encoder.encoder.layer[block_num].crossattention.self
+    with torch.no_grad():
+        image_embeds = model.encode_image(image)
+    labels = answer_ids.masked_fill(answer_mask == 0, -100)
+    with torch.enable_grad(), _saving_attention(cross):
+        states = encoder(input_ids, attention_mask, encoder_hidden_states=image_embeds.detach().requires_grad_(True))
+        logits = model.text_decoder(answer_ids, answer_mask, encoder_hidden_states=states,
+                                    encoder_attention_mask=attention_mask)
+        log_likelihood = -decoder_nll(logits.float(), labels)  # (B,)
+        attention = cross.attention_map  # (B, nh, Lq, 1 + N)
+        (grad,) = torch.autograd.grad(log_likelihood.sum(), attention)
+    token_maps = attention_gradcam(attention.detach(), grad, patch_grid(model))
+    token_maps = token_maps * attention_mask[:, :, None, None].to(token_maps.dtype)
+    return GradCamMaps(text_map=token_maps.sum(dim=1), token_maps=token_maps, score=log_likelihood.detach(),
+                       match_prob=None)

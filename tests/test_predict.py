@@ -1,5 +1,6 @@
-"""Predict.py (single and batch mode, --save_npy, official checkpoints without a config) and the demo's Grad-CAM
-picture, on a tiny random model and the synthetic images."""
+"""Predict.py (--task itm | caption | vqa, single and batch mode, --save_npy, official checkpoints without a config),
+the readable sheet (tile size, label height, colour bar) and the demo's Grad-CAM picture, on tiny random models and
+the synthetic images."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from engine.config import save_config
 from models import create_model
 from Predict import main
 from tasks.demo_gradcam import write_demo_gradcam
-from tasks.gradcam_view import MAX_COLUMNS, text_words
+from tasks.gradcam_view import (
+    COLOUR_BAR_PX,
+    LABEL_PX,
+    MAX_COLUMNS,
+    TILE_PX,
+    TITLE_PX,
+    text_words,
+    tile_size,
+)
 
 TINY_MODEL = {
     "bert_config": "configs/config_bert.json", "text_encoder": "",
@@ -26,6 +35,15 @@ TINY_MODEL = {
     "image_res": 48, "embed_dim": 16, "queue_size": 32,
 }
 REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_sheet(picture: np.ndarray, image: np.ndarray, tiles: int) -> None:
+    """The sheet of ``tiles`` tiles: title, rows of TILE_PX-high tiles with their label strips, colour bar."""
+    tile_w, tile_h = tile_size(image)
+    assert tile_h >= 224
+    columns = min(tiles, MAX_COLUMNS)
+    rows = -(-tiles // columns)
+    assert picture.shape == (TITLE_PX + rows * (tile_h + LABEL_PX) + COLOUR_BAR_PX, columns * tile_w, 3)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +69,12 @@ def test_predict_writes_a_png_of_image_sized_tiles(checkpoints, synthetic_dir, t
     assert written == [out] and out.is_file()
     image = cv2.imread(str(image_path))
     picture = cv2.imread(str(out))
-    height, width = image.shape[:2]
     tiles = 2 + len(text.split())  # the image, the sentence, one per word
-    columns = min(tiles, MAX_COLUMNS)
-    rows = -(-tiles // columns)
-    assert picture.shape == (rows * height, columns * width, 3)
-    # The first tile is the image itself below its label strip (PNG is lossless).
-    np.testing.assert_array_equal(picture[height // 2:height, :width], image[height // 2:])
+    assert_sheet(picture, image, tiles)
+    # The first tile is the image itself, upscaled to TILE_PX (PNG is lossless).
+    tile_w, tile_h = tile_size(image)
+    upscaled = cv2.resize(image, (tile_w, tile_h), interpolation=cv2.INTER_CUBIC)
+    np.testing.assert_array_equal(picture[TITLE_PX:TITLE_PX + tile_h, :tile_w], upscaled)
     assert "ITM score" in capsys.readouterr().out
     maps = np.load(out.with_suffix(".npy"))
     names = json.loads(out.with_suffix(".json").read_text())["maps"]
@@ -69,14 +86,15 @@ def test_predict_writes_a_png_of_image_sized_tiles(checkpoints, synthetic_dir, t
 def test_predict_batch_mode_and_official_checkpoint(checkpoints, synthetic_dir, tmp_path) -> None:
     entries = json.loads((synthetic_dir / "refcoco+_val.json").read_text())[:2]
     batch = tmp_path / "pairs.json"
-    batch.write_text(json.dumps([{"image": str(synthetic_dir / "images" / e["image"]), "text": e["text"]}
-                                 for e in entries]))
+    batch_images = [synthetic_dir / "images" / e["image"] for e in entries]
+    batch.write_text(json.dumps([{"image": str(path), "text": e["text"]}
+                                 for path, e in zip(batch_images, entries, strict=True)]))
     with pytest.raises(ValueError, match="carries no config.*--config"):
         main(["--checkpoint", str(checkpoints["official"]), "--batch", str(batch)])
     written = main(["--checkpoint", str(checkpoints["official"]), "--config", str(checkpoints["config"]),
                     "--batch", str(batch), "--out_dir", str(tmp_path / "cams"), "--mode", "itc"])
     assert len(written) == 2 and all(path.is_file() and path.parent == tmp_path / "cams" for path in written)
-    assert cv2.imread(str(written[0])).shape == (64, 2 * 64, 3)  # itc: the image and the sentence map
+    assert_sheet(cv2.imread(str(written[0])), cv2.imread(str(batch_images[0])), 2)  # itc: image + sentence map
     batch.write_text(json.dumps([{"image": "a.jpg"}]))
     with pytest.raises(ValueError, match=r"pairs.json: entry 0: expected"):
         main(["--checkpoint", str(checkpoints["ours"]), "--batch", str(batch)])
@@ -87,7 +105,7 @@ def test_demo_gradcam_writes_the_png(checkpoints, synthetic_dir) -> None:
     (demo_dir / "checkpoint_last.pth").write_bytes(checkpoints["ours"].read_bytes())
     png, pointing = write_demo_gradcam(demo_dir, synthetic_dir)
     assert png == demo_dir / "gradcam.png" and png.is_file()
-    assert cv2.imread(str(png)).shape[0] % 64 == 0
+    assert cv2.imread(str(png)).shape[0] >= TITLE_PX + TILE_PX + LABEL_PX + COLOUR_BAR_PX
     expressions = json.loads((synthetic_dir / "refcoco+_test.json").read_text())
     assert pointing.count == min(200, len(expressions))
     assert 0 < pointing.chance < 50 and 0 <= pointing.accuracy <= 100
@@ -130,6 +148,5 @@ def test_predict_shows_words_the_tokenizer_does_not_know(checkpoints, synthetic_
     assert described["maps"] == ["<sentence>", "the", "blue", "button"]
     assert described["unknown_words"] == ["button"]
     assert np.load(out.with_suffix(".npy")).shape[0] == 4
-    height, width = cv2.imread(str(image_path)).shape[:2]
-    assert cv2.imread(str(out)).shape == (height, 5 * width, 3)  # image, sentence and the 3 words
+    assert_sheet(cv2.imread(str(out)), cv2.imread(str(image_path)), 5)  # image, sentence and the 3 words
     assert any("'button'" in record.getMessage() and "[UNK]" in record.getMessage() for record in records)
