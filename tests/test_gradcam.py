@@ -1,5 +1,5 @@
-"""models.gradcam: the Grad-CAM formula on crafted attention / gradients, the whole-text mean, the ITM and ITC modes
-on a tiny model against the plain backward() computation, and heat -> box choice."""
+"""models.gradcam: the Grad-CAM formula on crafted attention / gradients, the whole-text mean, the ITM, ITC, caption
+and VQA heads on tiny models against the plain backward() computation, and heat -> box choice."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import torch
 from models import create_model
 from models.gradcam import (
     attention_gradcam,
+    caption_gradcam,
     compute_gradcam,
     itc_gradcam,
     itm_gradcam,
     resolve_block_num,
     text_gradcam,
     third_fusion_layer,
+    vqa_gradcam,
 )
 from refTools import pick_box
 from tests.test_models import SPECIAL, tiny_cfg
@@ -167,3 +169,72 @@ def test_box_scoring_picks_the_box_under_the_heat() -> None:
     boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [48.0, 32.0, 16.0, 16.0], [20.0, 20.0, 20.0, 20.0],
                           [0.0, 0.0, 64.0, 64.0]])
     assert pick_box(heat, boxes).tolist() == [48.0, 32.0, 16.0, 16.0]
+
+
+def _tiny_head(tmp_path: Path, task: str) -> torch.nn.Module:
+    cfg = tiny_cfg(tmp_path, bert_overrides={"num_hidden_layers": 4, "fusion_layer": 2},
+                   vit={"patch_size": 8, "width": 32, "depth": 2, "heads": 2})
+    torch.manual_seed(0)
+    return create_model(task, cfg, special=SPECIAL).eval()
+
+
+def test_caption_gradcam_equals_one_backward_per_token(tmp_path: Path) -> None:
+    """Each caption token's map is the formula summed over the query rows, on the decoder's cross-attention and the
+    gradient of that token's log-probability alone (a plain backward() per token); the maps differ between tokens,
+    a token's map does not depend on the tokens after it (causal), nothing is left on the model."""
+    model = _tiny_head(tmp_path, "caption")
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[SPECIAL.cls, 10, 11, 20, 21, 22, SPECIAL.sep]])  # [CLS] prompt(2) caption(3) [SEP]
+    mask = torch.ones_like(ids)
+    result = caption_gradcam(model, image, ids, mask, prompt_length=3, block_num=2)
+    assert result.positions == [3, 4, 5, 6] and result.token_ids == [20, 21, 22, SPECIAL.sep]
+    assert result.token_maps.shape == (4, 4, 4)
+    cross = model.text_decoder.bert.encoder.layer[2].crossattention.self
+    assert not cross.save_attention and all(param.grad is None for param in model.parameters())
+    for index, position in enumerate(result.positions):
+        cross.save_attention = True
+        states = model.encode_image(image).detach().requires_grad_(True)
+        logits = model.text_decoder(ids, mask, encoder_hidden_states=states)
+        log_prob = logits[0, position - 1].log_softmax(-1)[ids[0, position]]
+        log_prob.backward()
+        attention, grad = cross.attention_map.detach(), cross.attention_grad
+        cross.save_attention = False
+        expected = (attention * grad.clamp(min=0)).mean(1)[0, :, 1:].sum(0).reshape(4, 4)
+        torch.testing.assert_close(result.token_maps[index], expected)
+        torch.testing.assert_close(result.log_probs[index], log_prob.detach())
+        assert grad[0, :, position:].abs().max() == 0  # rows from t on do not predict x_t
+    for first, second in zip(result.token_maps[:-1], result.token_maps[1:], strict=True):
+        assert not torch.allclose(first / first.max(), second / second.max())
+    changed = ids.clone()
+    changed[0, 5] = 30
+    again = caption_gradcam(model, image, changed, mask, prompt_length=3, block_num=2)
+    torch.testing.assert_close(again.token_maps[:2], result.token_maps[:2])  # x_3, x_4 do not see x_5
+    assert not torch.allclose(again.token_maps[2], result.token_maps[2])
+    with pytest.raises(ValueError, match="out of range for the caption decoder"):
+        caption_gradcam(model, image, ids, mask, prompt_length=3, block_num=4)
+
+
+def test_vqa_gradcam_equals_backward_of_the_answer_likelihood(tmp_path: Path) -> None:
+    """The answer's map: the formula on the question encoder's cross-attention and the gradient of the answer's
+    log-likelihood, summed over the question's tokens; padding rows are zero."""
+    model = _tiny_head(tmp_path, "vqa")
+    image, ids, mask = tiny_inputs(batch=2, length=6)
+    answer = torch.tensor([[SPECIAL.cls, 40, SPECIAL.sep], [SPECIAL.cls, 41, SPECIAL.sep]])
+    answer_mask = torch.ones_like(answer)
+    maps = vqa_gradcam(model, image, ids, mask, answer, answer_mask)
+    block = third_fusion_layer(4, 2)
+    cross = model.text_encoder.encoder.layer[block].crossattention.self
+    cross.save_attention = True
+    states = model.text_encoder(ids, mask, encoder_hidden_states=model.encode_image(image).detach().requires_grad_())
+    logits = model.text_decoder(answer, answer_mask, encoder_hidden_states=states, encoder_attention_mask=mask)
+    log_likelihood = logits[:, :-1].log_softmax(-1).gather(2, answer[:, 1:, None])[..., 0].sum(1)  # (B,)
+    log_likelihood.sum().backward()
+    attention, grad = cross.attention_map.detach(), cross.attention_grad
+    cross.save_attention = False
+    expected = (attention * grad.clamp(min=0)).mean(1)[..., 1:].reshape(2, 6, 4, 4) * mask[:, :, None, None]
+    torch.testing.assert_close(maps.token_maps, expected)
+    torch.testing.assert_close(maps.text_map, expected.sum(1))
+    torch.testing.assert_close(maps.score, log_likelihood.detach())
+    assert maps.token_maps[1, -2:].abs().max() == 0 and maps.text_map.abs().min() >= 0
+    with pytest.raises(ValueError, match="not a fusion layer"):
+        vqa_gradcam(model, image, ids, mask, answer, answer_mask, block_num=1)

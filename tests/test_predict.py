@@ -150,3 +150,90 @@ def test_predict_shows_words_the_tokenizer_does_not_know(checkpoints, synthetic_
     assert np.load(out.with_suffix(".npy")).shape[0] == 4
     assert_sheet(cv2.imread(str(out)), cv2.imread(str(image_path)), 5)  # image, sentence and the 3 words
     assert any("'button'" in record.getMessage() and "[UNK]" in record.getMessage() for record in records)
+
+
+@pytest.fixture(scope="module")
+def head_checkpoints(synthetic_dir, tmp_path_factory) -> dict[str, Path]:
+    """Tiny random captioning and VQA checkpoints with their configs, and an answer list."""
+    out = tmp_path_factory.mktemp("heads")
+    tokenizer = build_tokenizer(str(synthetic_dir / "vocab.txt"))
+    answers = out / "answers.json"
+    answers.write_text(json.dumps(["red", "blue", "green", "circle", "square", "two"]))
+    paths = {"answers": answers}
+    for task in ("caption", "vqa"):
+        config = {"model": {**TINY_MODEL, "tokenizer": str(synthetic_dir / "vocab.txt")}, "data": {"max_tokens": 24}}
+        if task == "caption":
+            config["caption"] = {"prompt": "a picture of "}
+            config["generation"] = {"num_beams": 2, "max_length": 8, "min_length": 5}
+        torch.manual_seed(0)
+        model = create_model(task, config["model"], tokenizer=tokenizer)
+        paths[task] = out / f"{task}.pth"
+        torch.save({"model": model.state_dict(), "config": config}, paths[task])
+    return paths
+
+
+def _image(synthetic_dir: Path) -> Path:
+    return synthetic_dir / "images" / json.loads((synthetic_dir / "refcoco+_val.json").read_text())[0]["image"]
+
+
+def assert_distinct_maps(maps: np.ndarray) -> None:
+    """No map is constant and no two consecutive maps are the same."""
+    assert all(float(np.ptp(heat)) > 0 for heat in maps)
+    for first, second in zip(maps[:-1], maps[1:], strict=True):
+        assert not np.allclose(first / first.max(), second / second.max(), atol=1e-4)
+
+
+def test_predict_caption_sheet_has_a_tile_per_generated_word(head_checkpoints, synthetic_dir, tmp_path,
+                                                            capsys) -> None:
+    image_path = _image(synthetic_dir)
+    out = tmp_path / "caption.png"
+    assert main(["--task", "caption", "--checkpoint", str(head_checkpoints["caption"]), "--image", str(image_path),
+                 "--out", str(out), "--save_npy"]) == [out]
+    described = json.loads(out.with_suffix(".json").read_text())
+    caption = described["text"]
+    words = caption.split()
+    assert described["mode"] == "caption" and described["maps"] == ["<caption>", *words] and len(words) >= 5
+    assert f"caption {caption!r}" in capsys.readouterr().out
+    maps = np.load(out.with_suffix(".npy"))
+    assert maps.shape == (1 + len(words), 6, 6)
+    assert_distinct_maps(maps[1:])
+    assert_sheet(cv2.imread(str(out)), cv2.imread(str(image_path)), 2 + len(words))
+
+
+def test_predict_vqa_sheet_shows_the_answer_and_the_question_words(head_checkpoints, synthetic_dir,
+                                                                   tmp_path, capsys) -> None:
+    image_path = _image(synthetic_dir)
+    out = tmp_path / "vqa.png"
+    question = "what colour is the circle?"
+    main(["--task", "vqa", "--checkpoint", str(head_checkpoints["vqa"]), "--image", str(image_path),
+          "--text", question, "--answer_list", str(head_checkpoints["answers"]), "--out", str(out), "--save_npy"])
+    described = json.loads(out.with_suffix(".json").read_text())
+    answers = json.loads(head_checkpoints["answers"].read_text())
+    assert described["answer"] in answers and described["score"] < 0
+    assert described["maps"] == [f"<answer: {described['answer']}>", "what", "colour", "is", "the", "circle"]
+    assert f"answer {described['answer']!r}" in capsys.readouterr().out
+    maps = np.load(out.with_suffix(".npy"))
+    assert_distinct_maps(maps[1:])
+    assert_sheet(cv2.imread(str(out)), cv2.imread(str(image_path)), 7)
+    with pytest.raises(ValueError, match="does not fill the vqa model"):  # the wrong head: one clear message
+        main(["--task", "vqa", "--checkpoint", str(head_checkpoints["caption"]), "--image", str(image_path),
+              "--text", question, "--out", str(tmp_path / "x.png")])
+
+
+def test_sheet_is_readable(checkpoints, synthetic_dir, tmp_path) -> None:
+    """Tiles of at least 224 px, labels whose letters are >= 12 px high (not 8-pixel text), a colour bar whose
+    colours run from blue (low) to red (high)."""
+    image_path = _image(synthetic_dir)
+    out = tmp_path / "cam.png"
+    main(["--checkpoint", str(checkpoints["ours"]), "--image", str(image_path), "--text", "the red circle",
+          "--out", str(out)])
+    picture = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB)
+    tile_w, tile_h = tile_size(cv2.imread(str(image_path)))
+    assert tile_h >= 224 and tile_w >= 224
+    strip = picture[TITLE_PX + tile_h:TITLE_PX + tile_h + LABEL_PX, :tile_w]  # the label of the first tile
+    letter_rows = np.nonzero((strip.min(axis=2) > 200).any(axis=1))[0]
+    assert letter_rows.size and letter_rows[-1] - letter_rows[0] + 1 >= 12, letter_rows
+    bar = picture[-COLOUR_BAR_PX // 2].astype(int)  # the middle row of the colour bar
+    coloured = bar[(bar.max(axis=1) - bar.min(axis=1)) > 100]
+    assert len(coloured) > picture.shape[1] // 2
+    assert coloured[0][2] > coloured[0][0] and coloured[-1][0] > coloured[-1][2]  # blue ... red
