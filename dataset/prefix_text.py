@@ -134,19 +134,21 @@ class PrefixTextDataset(Dataset):
 
 
 def prompt_sequences(tokenizer: Any, prefix_length: int, prompts: Sequence[str] | None, captions: Sequence[str] | None,
-                     max_caption_tokens: int, soft_prompt_first: bool = True, pad_left: bool = False
-                     ) -> dict[str, torch.Tensor]:
+                     max_caption_tokens: int, soft_prompt_first: bool = True, pad_left: bool = False,
+                     count: int | None = None) -> dict[str, torch.Tensor]:
     """The language model's input rows: the soft prompt (``prefix_length`` slots marked ``SOFT_PROMPT_SLOT``) and the
     hard prompt (when ``prompts``), in the order ``soft_prompt_first`` says, then the caption's tokens and the end
     token (when ``captions``; at most ``max_caption_tokens`` tokens, the end token included).
 
     Returns token_ids (B, L) (pad = the end token), attention_mask (B, L), labels (B, L): the caption tokens and the
-    end token, IGNORE_INDEX on the prompts and the padding (so only the caption is scored). Training pads on the
+    end token, IGNORE_INDEX on the prompts and the padding (so only the caption is scored). Without prompts and
+    captions, ``count`` rows of the soft prompt alone (generation without entity prompts). Training pads on the
     right, generation (``pad_left``) on the left so that every row's next token comes at the end.
     """
-    if prompts is None and captions is None:
-        raise ValueError("prompt_sequences needs prompts or captions")
-    count = len(prompts if prompts is not None else captions)
+    if prompts is not None or captions is not None:
+        count = len(prompts if prompts is not None else captions)
+    elif count is None:
+        raise ValueError("prompt_sequences needs prompts, captions or the count of soft-prompt-only rows")
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN) if tokenizer.eos_token_id is None else tokenizer.eos_token_id
     hard = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts is not None else [[]] * count
     if captions is not None:

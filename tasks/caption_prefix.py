@@ -302,7 +302,7 @@ class PrefixCaptionTask(CaptionScoring, AlbefTask):
         image_feat = self.features.encode_image(normalize(image.to(self.device, non_blocking=True)))
         prompts = [hard_prompt(found) for found in self.image_entities(image_feat)] if self.entities else None
         rows = prompt_sequences(self.lm_tokenizer, int(prefix.prefix_length), prompts, None, 0,
-                                bool(prefix.soft_prompt_first), pad_left=True)
+                                bool(prefix.soft_prompt_first), pad_left=True, count=image.shape[0])
         tokens = unwrap(model).generate(image_feat, rows["token_ids"].to(self.device),
                                         rows["attention_mask"].to(self.device), self.settings,
                                         self.lm_tokenizer.eos_token_id)
