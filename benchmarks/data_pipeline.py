@@ -10,14 +10,25 @@ times, in one process with one thread (what each DataLoader worker gets):
 The pipelines take turns for ``--rounds`` rounds and each reports its best round, so that a load spike on a shared
 machine does not land on one of them only. ``--workers N [N ...]`` also times our pipeline behind a DataLoader with N
 worker processes (batches of 64, pinned memory where CUDA is there): what a training rank gets. Prints one JSON line.
+
+``--shards`` (issue 21) times instead, on the same JPEGs, in one process with one thread (images/s per core):
+  files:  dataset.datasets.PretrainDataset over an ALBEF JSON + the loose image files
+  shards: dataset.shards.ShardStream over the same images written as shards by the converter (tar reading, shuffle
+          buffer, decode, transform)
+and the resident memory of a shard loader (``--workers`` processes, default 2) over a pass of 10 and of 100 shards
+(small images, 20 samples per shard): the peak RSS of its main process and of its largest worker, which must not
+grow with the number of samples.
 Not run by CI:
     python benchmarks/data_pipeline.py [--num-images 200] [--image-res 256] [--rounds 3] [--workers 8 16]
+    python benchmarks/data_pipeline.py --shards [--num-images 200] [--image-res 256] [--rounds 3] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,8 +39,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from dataset.randaugment import ALBEF_OPS, TRANSLATE_PIXELS
-from dataset.transforms import build_transform, load_image, random_resized_crop_box
+# The repository first: run as a script, this folder leads sys.path and its common.py would hide the common package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset.randaugment import ALBEF_OPS, TRANSLATE_PIXELS  # noqa: E402
+from dataset.transforms import build_transform, load_image, random_resized_crop_box  # noqa: E402
 
 
 def write_images(folder: Path, count: int, width: int = 640, height: int = 480, seed: int = 0) -> list[Path]:
@@ -183,6 +197,99 @@ def best_of_rounds(pipelines: dict[str, Callable], paths: list[Path], rounds: in
     return best
 
 
+def _rss_kib(pid: int, field: str = "VmHWM") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _loader_workers(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def shard_loader_rss(folder: Path, num_shards: int, workers: int, per_shard: int = 20, image_res: int = 64) -> dict:
+    """Peak RSS (MiB) of a shard loader's main process and largest worker over one pass of ``num_shards`` shards of
+    ``per_shard`` small images (hard links of one shard under new names: the same bytes, counted as new samples)."""
+    from dataset.loader import create_loader, shutdown_workers
+    from dataset.shards import MANIFEST, ShardStream, convert
+
+    base = folder / f"base_{per_shard}"
+    if not base.is_dir():
+        (folder / "small").mkdir()
+        images = write_images(folder / "small", per_shard, width=160, height=120, seed=1)
+        ann = folder / "small.json"
+        ann.write_text(json.dumps([{"image": str(p), "caption": f"picture {i}"} for i, p in enumerate(images)]))
+        convert([ann], None, base, per_shard, progress=False)
+    out = folder / f"rss_{num_shards}"
+    out.mkdir()
+    for index in range(num_shards):
+        os.link(base / "00000.tar", out / f"{index:05d}.tar")
+    (out / MANIFEST).write_text(json.dumps({"shards": {f"{i:05d}.tar": per_shard for i in range(num_shards)}}))
+    stream = ShardStream(str(out / f"{{00000..{num_shards - 1:05d}}}.tar"), build_transform("pretrain", image_res),
+                         shuffle_buffer=100)
+    loader = create_loader(stream, 16, train=True, num_workers=workers, collate_fn=len, seed=0)
+    loader.sampler.set_epoch(0)
+    seen, worker_peak = 0, 0
+    for size in loader:
+        seen += size
+        worker_peak = max([worker_peak] + [_rss_kib(pid) for pid in _loader_workers(os.getpid())])
+    shutdown_workers(loader)
+    return {"shards": num_shards, "samples": seen, "main_peak_rss_mib": round(_rss_kib(os.getpid()) / 1024, 1),
+            "worker_peak_rss_mib": round(worker_peak / 1024, 1)}
+
+
+def shards_main(args: argparse.Namespace) -> dict:
+    """--shards: images/s per core of shards vs JSON + loose files, and the shard loader's RSS at 10 / 100 shards."""
+    from dataset.datasets import PretrainDataset
+    from dataset.shards import ShardStream, convert
+
+    workers = max(args.workers, default=2)
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        (folder / "images").mkdir()
+        paths = write_images(folder / "images", args.num_images)
+        ann = folder / "pretrain.json"
+        ann.write_text(json.dumps([{"image": str(p), "caption": f"a picture number {i}"} for i, p in
+                                   enumerate(paths)]))
+        shards = len(convert([ann], None, folder / "shards", max(1, args.num_images // 10), progress=False)["shards"])
+        transform = build_transform("pretrain", args.image_res)
+        files = PretrainDataset(str(ann), transform)
+        stream = ShardStream(str(folder / "shards" / f"{{00000..{shards - 1:05d}}}.tar"), transform, shuffle_buffer=100)
+        stream.plan_loader(1, 0, 0, 1)
+
+        def files_pass() -> int:
+            return sum(1 for index in range(len(files)) if files[(index, 0)]["image"].shape[0] == 3)
+
+        def shards_pass() -> int:
+            return sum(1 for item in stream if item["image"].shape[0] == 3)
+
+        best = {"files": 0.0, "shards": 0.0}
+        for _ in range(args.rounds):
+            for mode, run in (("files", files_pass), ("shards", shards_pass)):
+                start = time.perf_counter()
+                count = run()
+                best[mode] = max(best[mode], count / (time.perf_counter() - start))
+        rss = [shard_loader_rss(folder, count, workers) for count in (10, 100)]
+    result = {"benchmark": "data_pipeline_shards", "transform": "pretrain", "source_image": [640, 480],
+              "image_res": args.image_res, "num_images": args.num_images, "rounds": args.rounds, "threads": 1,
+              "files_images_per_s_per_core": round(best["files"], 1),
+              "shards_images_per_s_per_core": round(best["shards"], 1),
+              "shards_vs_files": round(best["shards"] / best["files"], 3),
+              "loader_workers": workers, "rss": rss}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=200)
@@ -190,11 +297,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="the pipelines take turns this many times; best kept")
     parser.add_argument("--workers", type=int, nargs="*", default=[],
                         help="also time our pipeline behind a DataLoader with this many workers (several allowed)")
+    parser.add_argument("--shards", action="store_true",
+                        help="shards vs JSON + loose files (images/s per core) and the shard loader's RSS instead")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    if args.shards:
+        return shards_main(args)
     with tempfile.TemporaryDirectory() as folder:
         paths = write_images(Path(folder), args.num_images)
         pipelines = {"opencv": opencv_pipeline(args.image_res), "pil": pil_pipeline(args.image_res)}

@@ -759,6 +759,9 @@ def convert(ann_files: Sequence[str | os.PathLike], image_root: str | os.PathLik
     finally:
         if writer is not None:
             writer.close()
+    if entries and not counts:
+        raise ValueError(f"none of the {len(entries)} images of {[str(f) for f in ann_files]} could be read (e.g. "
+                         f"{skipped[0]}): check --image_root")
     manifest = {"format": MANIFEST_FORMAT, "shards": counts, "total": sum(counts.values()),
                 "samples_per_shard": samples_per_shard, "annotations": [str(f) for f in ann_files],
                 "skipped_images": len(skipped)}
