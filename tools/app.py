@@ -206,7 +206,7 @@ def build_blocks(app: DemoApp) -> Any:
                 with gr.Row():
                     itm = gr.Textbox(label="ITM match probability", elem_id="itm-score", interactive=False)
                     itc = gr.Textbox(label="ITC cosine similarity", elem_id="itc-score", interactive=False)
-                sheet = gr.Image(label="Grad-CAM", elem_id="match-sheet", interactive=False)
+                sheet = gr.Image(label="Grad-CAM", elem_id="match-sheet", interactive=False, show_label=False)
                 button.click(guarded(do_match), [image, text], [itm, itc, sheet])
                 text.submit(guarded(do_match), [image, text], [itm, itc, sheet])
         with gr.Tab("Caption", elem_id="tab-caption"):
@@ -215,7 +215,8 @@ def build_blocks(app: DemoApp) -> Any:
             else:
                 button = gr.Button("Caption", elem_id="caption-button", variant="primary")
                 caption = gr.Textbox(label="Caption", elem_id="caption-text", interactive=False)
-                sheet = gr.Image(label="Grad-CAM per word", elem_id="caption-sheet", interactive=False)
+                sheet = gr.Image(label="Grad-CAM per word", elem_id="caption-sheet", interactive=False,
+                                 show_label=False)
                 button.click(guarded(do_caption), [image], [caption, sheet])
         with gr.Tab("VQA", elem_id="tab-vqa"):
             if app.vqa is None:
@@ -224,7 +225,7 @@ def build_blocks(app: DemoApp) -> Any:
                 question = gr.Textbox(label="Question", elem_id="vqa-question")
                 button = gr.Button("Answer", elem_id="vqa-button", variant="primary")
                 answer = gr.Textbox(label="Answer", elem_id="vqa-answer", interactive=False)
-                sheet = gr.Image(label="Grad-CAM", elem_id="vqa-sheet", interactive=False)
+                sheet = gr.Image(label="Grad-CAM", elem_id="vqa-sheet", interactive=False, show_label=False)
                 button.click(guarded(do_answer), [image, question], [answer, sheet])
         with gr.Tab("Search", elem_id="tab-search"):
             if app.index is None:
@@ -247,7 +248,7 @@ def launch(app: DemoApp, port: int = DEFAULT_PORT, block: bool = True) -> Any:
     allowed = [str(Path(item["path"]).parent) for item in (app.index or {}).get("images", [])]
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # system fonts: no Google Fonts request
-    blocks.launch(server_name=HOST, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
+    blocks.launch(server_name=HOST, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
                   ssr_mode=False, allowed_paths=sorted(set(allowed)), theme=theme, quiet=True, footer_links=[])
     print(f"AlignFuse demo on http://{HOST}:{port} (heads: {', '.join(app.heads)})", flush=True)
     if block:
