@@ -5,6 +5,7 @@
 #   bash run.sh demo               setup, then the CPU demo (synthetic data, tiny model, minutes)
 #   bash run.sh <Task> [args...]   launch <Task>.py through torchrun, e.g. bash run.sh Pretrain --config configs/Pretrain.yaml
 #   bash run.sh malloc             print the C allocator library that demo and <Task> preload (empty: glibc's)
+#   bash run.sh app --checkpoint CK [--index DIR] [--port N]   the local web demo on 127.0.0.1 (installs gradio)
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE (defaults: 1 node, one process per
 # local GPU, one process on a CPU-only machine). Example: NNODES=4 NODE_RANK=0 MASTER_ADDR=10.1.1.1 bash run.sh Pretrain ...
 # ALIGNFUSE_MALLOC=auto|tcmalloc|jemalloc|glibc picks the C allocator of demo and <Task> runs (auto: tcmalloc when
@@ -103,6 +104,12 @@ case "$verb" in
     preload_malloc
     exec "$PY" demo.py "$@" ;;
   malloc) malloc_lib ;;
-  help|-h|--help) sed -n '2,12p' "$0" ;;
+  app)
+    setup
+    # gradio is the optional extra [app]: installed here when missing (the test extra has it already).
+    "$PY" -c "import gradio" >/dev/null 2>&1 || "$PY" -m pip install -q -e ".[app]"
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    exec "$PY" -m tools.app "$@" ;;
+  help|-h|--help) sed -n '2,13p' "$0" ;;
   *) setup; preload_malloc; launch "$verb" "$@" ;;
 esac
