@@ -100,6 +100,7 @@ SHARD_DEFAULTS: dict[str, Any] = {
     "shuffle_buffer": 1000,  # raw (undecoded) samples each loader worker holds for shuffling
 }
 ITEM_KINDS = ("pretrain", "retrieval_train")
+READ_BUFFER = 1 << 20  # bytes read from a shard at a time (a pipe's or a file's buffer)
 
 
 # ------------------------------------------------------------------------------------------------ sources and counts
@@ -389,7 +390,7 @@ def read_shard_groups(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
         return False
 
     try:
-        stream = tariterators.gopen.gopen(url)
+        stream = tariterators.gopen.gopen(url, bufsize=READ_BUFFER)
     except Exception as error:  # noqa: BLE001 - any failure to open is a fault of this shard
         handler(error)
         return
