@@ -40,8 +40,8 @@ How a pass is laid out (every rank computes the same plan from (seed, epoch) and
 4. Equal steps. DDP needs every rank to take the same number of steps S. The DataLoader takes batch k of a rank from
    its worker k mod W; worker w therefore yields ceil((S - w) / W) batches of B samples, and S is the smallest number
    of steps that lets every stream deliver all its samples. A stream shorter than its batches pads them by repeating
-   its own first samples (at most about B per stream: ``EpochPlan.padding`` counts them, logged at each epoch's
-   start). So each sample is seen once per pass, plus those repeats; when the counts divide evenly there are none.
+   its own first samples (fewer than 2 B + #sources per stream: ``EpochPlan.padding`` counts them, logged when the
+   loader is built). So each sample is seen once per pass, plus those repeats; none when the counts divide evenly.
 
 Resume. The loader's ``sampler`` is this dataset: the engine calls ``set_epoch(e)`` and ``set_start_batch(b, B)``
 as for the JSON datasets, and the run state records (epoch, batch). Batch b of a rank belongs to stream

@@ -115,7 +115,7 @@ def test_plan_balances_streams_and_steps():
             assert plan.stream_batches(i % workers) * batch >= length
         assert plan.steps == sum(plan.stream_batches(w) for w in range(workers))
         assert plan.padding == ranks * plan.steps * batch - sum(sizes)
-        assert plan.padding < ranks * workers * (batch + len(sizes))
+        assert plan.padding < ranks * workers * (2 * batch + len(sizes))
     even = EpochPlan([56], 2, 2, 2)
     assert (even.steps, even.padding) == (14, 0)
 
