@@ -21,15 +21,16 @@ TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "wid
              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
-def prefix_argv(data: Path, out: Path, *opts: str, train: str = "coco_karpathy_train", val: str = "coco_karpathy_val"
-                ) -> list[str]:
-    """Caption.py arguments of the prefix_lm family on synthetic data (demo config, tiny language model), trained on
-    the captions of ``<train>.json`` and evaluated on the images of ``<val>.json`` (``<val>_gt.json``)."""
+def prefix_argv(data: Path, out: Path, *opts: str, train: str = "coco_karpathy_train", val: str = "coco_karpathy_val",
+                tiny: bool = True) -> list[str]:
+    """Caption.py arguments of the prefix_lm family on synthetic data (demo config; with ``tiny`` a tinier language
+    model), trained on the captions of ``<train>.json`` and evaluated on the images of ``<val>.json`` (+ ``_gt``)."""
     return ["--config", str(REPO / "configs/demo/Caption_prefix.yaml"), "--output_dir", str(out), "--device", "cpu",
             "--opts", f"model.tokenizer={data / 'vocab.txt'}", f"prefix.tokenizer={data / 'lm_tokenizer'}",
             f"prefix.entity_vocabulary={data / 'entities.txt'}", f"data.train_file=[{data / train}.json]",
             f"data.val_file={data / val}.json", f"data.val_gt_file={data / val}_gt.json",
-            f"data.image_root={data / 'images'}", "data.num_workers=0", "eval.meteor=false", *TINY_LM, *opts]
+            f"data.image_root={data / 'images'}", "data.num_workers=0", "eval.meteor=false",
+            *(TINY_LM if tiny else []), *opts]
 
 
 def random_albef_checkpoint(data: Path, path: Path) -> list[str]:
