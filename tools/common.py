@@ -24,7 +24,7 @@ from engine import errors
 from models.inference import Predictor
 from tasks.captioning import IMAGE_SUFFIXES
 
-log = logging.getLogger("alignfuse.tools")
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -29,7 +29,7 @@ from models import QUEUE_KEYS
 from models.inference import infer_task
 from tools.common import publish, run_command, write_json
 
-log = logging.getLogger("alignfuse.tools")
+log = logging.getLogger(__name__)
 
 MOMENTUM_SUFFIX = "_m"  # <module>_m.*: the momentum copy of <module> (models.albef.AlbefBase._build_momentum)
 

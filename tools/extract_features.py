@@ -47,7 +47,7 @@ from tools.common import (
     write_json,
 )
 
-log = logging.getLogger("alignfuse.tools")
+log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
 

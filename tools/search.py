@@ -31,7 +31,7 @@ from dataset.transforms import ImageDecodeError, load_image, resize_bicubic
 from tools.common import add_model_args, collect_images, load_predictor, run_command, write_json
 from tools.extract_features import extract
 
-log = logging.getLogger("alignfuse.tools")
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 FEATURES_FILE = "features.safetensors"

@@ -38,7 +38,7 @@ from tools.common import (
     write_json,
 )
 
-log = logging.getLogger("alignfuse.tools")
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "{}")
 
