@@ -337,6 +337,7 @@ class RawSample:
     captions: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     fault: str = ""  # why the sample is unusable (raw level); "" when fine
+    fault_logged: bool = False  # already named in the log (a shard's missing samples: one line for all)
     replaced: bool = False  # a stand-in for a faulty position
 
     def stand_in(self) -> RawSample:
@@ -386,7 +387,9 @@ def read_shard_groups(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     truncated tar) end the iteration and are appended to ``errors``."""
 
     def handler(error: Exception) -> bool:
-        errors.append(f"{type(error).__name__}: {error.args[0] if error.args else error}")
+        # webdataset appends the stream and URL to an error's args: keep its own message (or the whole error's text).
+        detail = error.args[0] if error.args and isinstance(error.args[0], str) else error
+        errors.append(f"{type(error).__name__}: {detail}")
         return False
 
     try:
@@ -417,11 +420,12 @@ def read_piece(source: ShardSource, source_index: int, shard: int, first: int, e
             yield parse_group(group, source_index, shard, member, url, source.caption_key)
         member += 1
     if member < end:
-        why = errors[0] if errors else f"the shard holds {member} samples, its count says {source.counts[shard]}"
-        logger.warning("shard %s: samples %d..%d of %d missing (%s)", url, max(member, first), end - 1,
-                       source.counts[shard], why)
+        why = errors[0] if errors else f"the shard ended after {member} samples (truncated?)"
+        logger.warning("shard %s: samples %d..%d of %d missing (%s); each replaced by another sample", url,
+                       max(member, first), end - 1, source.counts[shard], why)
         for missing in range(max(member, first), end):
-            yield RawSample(source_index, shard, missing, url, f"#{missing}", fault=f"missing from the shard ({why})")
+            yield RawSample(source_index, shard, missing, url, f"#{missing}", fault=f"missing from the shard ({why})",
+                            fault_logged=True)
 
 
 # ------------------------------------------------------------------------------------------------- the dataset
@@ -538,7 +542,8 @@ class ShardStream(IterableDataset):
         for sample in raw:
             self.attempts[source_index] += 1
             if sample.fault:
-                self._fault(source_index, f"{sample.url} sample {sample.key}: {sample.fault}")
+                self._fault(source_index, f"{sample.url} sample {sample.key}: {sample.fault}",
+                            log=not sample.fault_logged)
                 if last is None:
                     owed += 1
                     continue
@@ -592,10 +597,11 @@ class ShardStream(IterableDataset):
         for index in range(pads):
             yield head[index % len(head)]
 
-    def _fault(self, source_index: int, message: str) -> None:
+    def _fault(self, source_index: int, message: str, log: bool = True) -> None:
         self.failures[source_index] += 1
-        logger.warning("%s; replaced by another sample (%d of %d samples of this source failed in this worker)",
-                       message, self.failures[source_index], self.attempts[source_index])
+        if log:
+            logger.warning("%s; replaced by another sample (%d of %d samples of this source failed in this worker)",
+                           message, self.failures[source_index], self.attempts[source_index])
         if bad_image_rate_exceeds(self.failures[source_index], self.attempts[source_index],
                                   self.max_bad_image_fraction, self.bad_image_false_alarm):
             raise RuntimeError(

@@ -233,7 +233,8 @@ def test_faults_are_replaced_counted_and_named(shards, tmp_path, caplog):
         # 7 (missing shard) + 4 (truncated after 3 of 7) + 1 (no caption) + 1 (undecodable) replaced positions.
         assert sum(item["num_skipped"] for batch in batches for item in batch) == 13
     log = caplog.text  # the in-process run (0 workers) logged here
-    assert "00001.tar: samples 0..6 of 7 missing" in log and "00002.tar: samples 3..6 of 7 missing" in log
+    assert "00001.tar: samples 0..6 of 7 missing (FileNotFoundError: [Errno 2] No such file" in log
+    assert "00002.tar: samples 3..6 of 7 missing (the shard ended after 3 samples" in log
     assert "cannot use image" in log and "00003.tar" in log and "no caption" in log
     # The guard, per source: at the default 1% this source is judged broken, with an error naming it.
     strict = ShardStream(all_shards(broken), build_transform("test", 16), shuffle_buffer=4, seed=0)
@@ -256,6 +257,16 @@ def test_missing_counts_and_bad_specs_are_clear_errors(shards, tmp_path):
                         (5, "must be a shard URL pattern")]:
         with pytest.raises(ValueError, match=match):
             ShardStream(spec, build_transform("test", 16))
+
+
+def test_pipe_urls_read_with_a_manifest(shards):
+    """`pipe:` commands (e.g. `aws s3 cp ... -`) read like files; their counts come from the source's manifest."""
+    spec = [{"urls": f"pipe:cat {all_shards(shards)}", "manifest": str(shards / MANIFEST)}]
+    stream = ShardStream(spec, build_transform("test", 16), shuffle_buffer=4)
+    loader = create_loader(stream, 8, train=True, num_workers=0, collate_fn=lambda items: items, seed=0)
+    loader.sampler.set_epoch(0)
+    keys = [item["key"] for batch in loader for item in batch if not item["num_skipped"]]
+    assert sorted(keys) == [f"{k:09d}" for k in range(56)]
 
 
 # ------------------------------------------------------------------------------ Pretrain.py: SIGTERM + resume
