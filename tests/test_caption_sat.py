@@ -22,7 +22,14 @@ from engine.checkpoint import load_checkpoint_file
 from engine.state import RunState
 from models.generation import GenerationSettings
 from models.show_attend_tell import SatCfg, ShowAttendTell, WordMap, caption_losses
-from tasks.caption_sat import SAT_DEFAULTS, TILE_MIN_SIZE, attention_sheet, write_attention
+from tasks.caption_sat import (
+    SAT_DEFAULTS,
+    TILE_MIN_SIZE,
+    attention_sheet,
+    caption_image_file,
+    load_captioner,
+    write_attention,
+)
 from tests.test_task_vqa import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,11 +235,11 @@ def test_resume_equals_an_uninterrupted_run(synthetic_dir, tmp_path):
     from Caption import main
 
     opts = ["data.val_file=", "data.batch_size=24", "caption.teacher_forcing=0.5", "model.dropout=0.5",
-            "train.log_every_steps=100"]
-    main(caption_argv(synthetic_dir, tmp_path / "whole", *opts, "train.epochs=2"))
-    main(caption_argv(synthetic_dir, tmp_path / "parts", *opts, "train.epochs=2", "train.max_steps=4"))
-    first = weights_of(tmp_path / "parts/checkpoint_last.pth")  # stopped inside the first epoch
-    main(caption_argv(synthetic_dir, tmp_path / "parts", *opts, "train.epochs=2") + ["--resume", "auto"])
+            "train.log_every_steps=100", "train.count_flops=false", "train.epochs=1"]  # 7 steps
+    main(caption_argv(synthetic_dir, tmp_path / "whole", *opts))
+    main(caption_argv(synthetic_dir, tmp_path / "parts", *opts, "train.max_steps=3"))
+    first = weights_of(tmp_path / "parts/checkpoint_last.pth")  # stopped inside the epoch
+    main(caption_argv(synthetic_dir, tmp_path / "parts", *opts) + ["--resume", "auto"])
     whole = weights_of(tmp_path / "whole/checkpoint_last.pth")
     parts = weights_of(tmp_path / "parts/checkpoint_last.pth")
     assert whole.keys() == parts.keys()
@@ -257,7 +264,8 @@ def trained_lstm(tmp_path_factory) -> tuple[Path, Path, dict[str, float]]:
                     f"data.val_gt_file={data / 'coco_karpathy_val_gt.json'}", f"data.image_root={data / 'images'}",
                     "model.embed_dim=64", "model.decoder_dim=128", "model.attention_dim=64", "optimizer.lr=2e-3",
                     "train.max_steps=120", "train.eval_every_epochs=0", "train.eval_before_training=true",
-                    "train.log_every_steps=30", "eval.meteor=false", "caption.attention_maps=3"])
+                    "train.log_every_steps=30", "train.count_flops=false", "eval.meteor=false",
+                    "caption.attention_maps=3"])
     return data, out, metrics
 
 
@@ -279,6 +287,23 @@ def test_learning_check_beats_the_untrained_model_and_the_best_constant_caption(
     for png in pngs:
         words = results[int(png.stem)].split()
         assert count_tiles(cv2.imread(str(png)), TILE_MIN_SIZE)[2] == 1 + len(words)
+
+
+@pytest.mark.slow
+def test_inference_api_captions_an_image_file_as_evaluation_does(trained_lstm, tmp_path):
+    """load_captioner + caption_image_file (what Predict.py calls): the checkpoint's config and word map, the same
+    caption as the evaluation wrote for that image, attention maps that sum to 1, and the PNG."""
+    data, out, _ = trained_lstm
+    model, config = load_captioner(out / "checkpoint_last.pth")
+    first = json.loads((data / "coco_karpathy_val.json").read_text())[0]
+    image = cv2.cvtColor(cv2.imread(str(data / "images" / first["image"])), cv2.COLOR_BGR2RGB)
+    words, alphas, pixels = caption_image_file(model, config, image)
+    results = json.loads((out / "caption_val_eval2.json").read_text())
+    image_id = int(Path(first["image"]).stem.split("_")[-1])
+    assert " ".join(words) == next(r["caption"] for r in results if r["image_id"] == image_id)
+    assert alphas.shape == (len(words), 4, 4) and np.allclose(alphas.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    png = write_attention(tmp_path / "one.png", pixels, words, alphas)
+    assert count_tiles(cv2.imread(str(png)), TILE_MIN_SIZE)[2] == 1 + len(words)
 
 
 @pytest.mark.slow
