@@ -276,13 +276,13 @@ def test_prefix_captioner_learns_from_captions_alone(pretrained_demo, tmp_path, 
     with_entities = main(prefix_argv(data, tmp_path / "entities", *common, "train.eval_before_training=true",
                                      tiny=False))
     untrained = next(r for r in read_log(tmp_path / "entities") if "val/CIDEr" in r)
-    without = main(prefix_argv(data, tmp_path / "plain", *common, "prefix.entity_vocabulary=", tiny=False))
+    without = main(prefix_argv(data, tmp_path / "plain", *common, "prefix.entity_vocabulary=",
+                               "eval.constant_caption_candidates=0", tiny=False))  # the same constant: not again
     constant = with_entities["val/constant_CIDEr"]
     with capsys.disabled():
         print(f"\nprefix captioner, val CIDEr on {len(json.loads((data / 'coco_karpathy_val.json').read_text()))} "
               f"held-out images: untrained {untrained['val/CIDEr']:.3f} | best constant caption {constant:.3f} | "
               f"trained with entity prompts {with_entities['val/CIDEr']:.3f} | without {without['val/CIDEr']:.3f}")
-    assert without["val/constant_CIDEr"] == constant
     for trained in (with_entities, without):
         assert trained["val/CIDEr"] > 1.15 * constant, (trained, constant)
         assert trained["val/CIDEr"] > untrained["val/CIDEr"] + 0.5, (trained, untrained)
