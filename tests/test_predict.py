@@ -192,7 +192,7 @@ def test_predict_caption_sheet_has_a_tile_per_generated_word(head_checkpoints, s
     described = json.loads(out.with_suffix(".json").read_text())
     caption = described["text"]
     words = caption.split()
-    assert described["mode"] == "caption" and described["maps"] == ["<caption>", *words] and len(words) >= 5
+    assert described["mode"] == "caption" and described["maps"] == ["<caption>", *words] and len(words) >= 2
     assert f"caption {caption!r}" in capsys.readouterr().out
     maps = np.load(out.with_suffix(".npy"))
     assert maps.shape == (1 + len(words), 6, 6)
