@@ -8,8 +8,8 @@
   ``alpha = softmax(w . relu(W_e feature + W_d h))``), the context ``sum_i alpha_i feature_i`` gated by
   ``sigmoid(f_beta(h))``, then ``h, c = LSTMCell([embedding(word_t); gated context], (h, c))`` and the logits of word
   t + 1 from ``fc(dropout(h))``. h and c start from the mean region feature through two linear layers.
-- The vocabulary is a word map (``WordMap``) built from the training captions; the model keeps it as a uint8 buffer
-  (UTF-8 JSON) so every state_dict - checkpoint, best weights, EMA - carries the words its logits are over.
+- The vocabulary is a word map (``WordMap``) built from the training captions; the model keeps it as a buffer (its
+  UTF-8 JSON bytes) so every state_dict - checkpoint, best weights, EMA - carries the words its logits are over.
 
 ``forward`` is teacher forcing with scheduled sampling; ``generate`` is beam search / sampling through
 ``models.generation`` (the same knobs as the other captioners); ``greedy`` is the plain argmax loop.
@@ -120,12 +120,19 @@ class WordMap:
         return cls(data)
 
     def to_tensor(self) -> Tensor:
-        """The map as UTF-8 JSON bytes (uint8 (n,)), the form the model's state_dict carries it in."""
-        return torch.frombuffer(bytearray(self.to_json().encode("utf-8")), dtype=torch.uint8).clone()
+        """The map as its UTF-8 JSON bytes held in a float32 tensor (n,), the form the model's state_dict carries it
+        in. Float, not uint8: the engine's EMA (torch's AveragedModel with use_buffers) lerps every buffer, which is
+        exact for equal float values and garbles integer ones; byte values (<= 255) are exact in bf16 and fp16 too."""
+        return torch.tensor(list(self.to_json().encode("utf-8")), dtype=torch.float32)
 
     @classmethod
     def from_tensor(cls, data: Tensor) -> WordMap:
-        return cls.from_json(bytes(data.cpu().tolist()).decode("utf-8"), "the model's word_map buffer")
+        codes = data.detach().float().cpu().round().to(torch.uint8).tolist()
+        try:
+            text = bytes(codes).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"the model's word_map_bytes buffer is not UTF-8 text ({err})") from None
+        return cls.from_json(text, "the model's word_map_bytes buffer")
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,7 @@ class ShowAttendTell(nn.Module):
         self.f_beta = nn.Linear(cfg.decoder_dim, feature_dim)
         self.lstm = nn.LSTMCell(cfg.embed_dim + feature_dim, cfg.decoder_dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer("word_map_bytes", torch.zeros(0, dtype=torch.uint8))
+        self.register_buffer("word_map_bytes", torch.zeros(0))
         self._word_map: tuple[Tensor, WordMap] | None = None
         self.set_word_map(word_map)
 

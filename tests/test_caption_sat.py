@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import optim
 import scheduler as scheduler_mod
@@ -81,6 +82,19 @@ def test_word_map_round_trip_and_tokenizer_interface():
     assert WordMap.from_tensor(words.to_tensor()) == words
     with pytest.raises(ValueError, match="special words"):
         WordMap({"a": 0})
+
+
+def test_the_state_dict_carries_the_word_map_through_ema_and_low_precision():
+    model = tiny_model()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)  # as train.ema_decay
+    for _ in range(3):
+        ema.update_parameters(model)
+    assert ema.module.word_map == model.word_map
+    assert WordMap.from_tensor(model.word_map_bytes.to(torch.bfloat16)) == model.word_map
+    other = ShowAttendTell(TINY, WordMap.build(CAPTIONS[:1], 1))  # a smaller vocabulary, resized on set_word_map
+    other.set_word_map(model.word_map)
+    other.load_state_dict(model.state_dict())
+    assert other.word_map == model.word_map and other.fc.out_features == len(model.word_map)
 
 
 def test_attention_sums_to_one_over_the_regions_at_every_step():
