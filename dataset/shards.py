@@ -130,9 +130,13 @@ def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def _is_local(location: str) -> bool:
+    return not location.startswith("pipe:") and ("://" not in location or location.startswith("file://"))
+
+
 def _read_text(location: str) -> str | None:
     """The text at a local path or URL (through webdataset's gopen), None when it cannot be read."""
-    if "://" not in location or location.startswith("file://"):
+    if _is_local(location):
         path = location.removeprefix("file://")
         return Path(path).read_text(encoding="utf-8") if os.path.isfile(path) else None
     try:
@@ -183,6 +187,9 @@ def load_counts(urls: list[str], manifest: str = "") -> list[int]:
                     count = int(json.loads(stats)["successes"])
                 except (ValueError, KeyError, TypeError):
                     count = None
+        if count is None and _is_local(url) and not os.path.exists(url.removeprefix("file://")):
+            raise FileNotFoundError(f"training shard {url} does not exist (nor a manifest counting it): check "
+                                    "data.train_shards")
         if count is None:
             raise ValueError(
                 f"no sample count for shard {url}: exact epochs need {MANIFEST} beside the shards (written by "

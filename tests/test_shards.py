@@ -252,11 +252,27 @@ def test_missing_counts_and_bad_specs_are_clear_errors(shards, tmp_path):
         ShardStream(str(bare / "00000.tar"), build_transform("test", 16))
     shards_main(["--count", str(bare / "00000.tar"), "--out", str(bare)])
     assert json.loads((bare / MANIFEST).read_text())["shards"] == {"00000.tar": PER_SHARD}
+    with pytest.raises(FileNotFoundError, match="training shard .*nowhere/00000.tar does not exist"):
+        ShardStream(str(tmp_path / "nowhere" / "{00000..00003}.tar"), build_transform("test", 16))
     for spec, match in [([{"urls": all_shards(shards), "weight": 0}], "weight must be a number > 0"),
                         ([{"url": "x"}], "expected a URL pattern or a mapping with 'urls'"),
                         (5, "must be a shard URL pattern")]:
         with pytest.raises(ValueError, match=match):
             ShardStream(spec, build_transform("test", 16))
+
+
+def test_fewer_shards_than_streams_warns_and_still_reads_each_sample(shards, caplog):
+    """1 shard for 2 loader workers: a warning says what happens; every sample is still read, plus the counted
+    balancing repeats."""
+    stream = ShardStream(str(shards / "00000.tar"), build_transform("test", 16), shuffle_buffer=4)
+    with caplog.at_level(logging.WARNING, logger="dataset.shards"):
+        loader = create_loader(stream, 2, train=True, num_workers=2, collate_fn=lambda items: items, seed=0)
+    assert "1 shards for 2 streams (1 ranks x 2 loader workers): streams share shards" in caplog.text
+    loader.sampler.set_epoch(0)
+    keys = [item["key"] for batch in loader for item in batch]
+    shutdown_workers(loader)
+    assert set(keys) == {f"{k:09d}" for k in range(PER_SHARD)}
+    assert len(keys) == PER_SHARD + stream.plan.padding == len(loader) * 2
 
 
 def test_pipe_urls_read_with_a_manifest(shards):
