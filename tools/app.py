@@ -31,7 +31,7 @@ from models.model_caption import AlbefCaption
 from models.model_vqa import AlbefVQA
 from tasks.gradcam_view import Explanation, explain_answer, explain_caption, itm_predictor, render
 
-log = logging.getLogger("alignfuse.tools")
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
