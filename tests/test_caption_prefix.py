@@ -67,6 +67,26 @@ def test_entities_are_found_and_masked_at_the_configured_rate():
     assert PrefixTextDataset(["x"], torch.zeros(1, 2), [["a", "b"]], 0.0, seed=0)[0]["entities"] == ["a", "b"]
 
 
+def test_cross_domain_split_holds_combinations_never_seen_together_in_training(synthetic_dir):
+    from dataset.synthetic import CROSS_DOMAIN_PAIR
+
+    train = json.loads((synthetic_dir / "coco_karpathy_train_indomain.json").read_text())
+    full = json.loads((synthetic_dir / "coco_karpathy_train.json").read_text())
+    nocaps = json.loads((synthetic_dir / "coco_karpathy_nocaps.json").read_text())
+    gt = json.loads((synthetic_dir / "coco_karpathy_nocaps_gt.json").read_text())
+    match = EntityMatcher(list(CROSS_DOMAIN_PAIR))
+    assert 0 < len(train) < len(full) and {e["image"] for e in train} <= {e["image"] for e in full}
+    assert not any(len(match(entry["caption"])) == 2 for entry in train)
+    assert any(len(match(entry["caption"])) == 2 for entry in full)  # the pair does occur in the full training set
+    # every cross-domain image holds both (its references name both here; seed 0 of the generator)
+    assert nocaps and all(set(CROSS_DOMAIN_PAIR) <= {e for c in entry["caption"] for e in match(c)} for entry in nocaps)
+    assert not {e["image"] for e in nocaps} & {e["image"] for e in full}  # held-out images
+    assert sorted(image["file_name"] for image in gt["images"]) == sorted(e["image"] for e in nocaps)
+    assert (synthetic_dir / "entities.txt").read_text().split() == ["circle", "square", "triangle", "star", "cross",
+                                                                      "red", "green", "blue", "yellow", "purple",
+                                                                      "orange"]
+
+
 @pytest.mark.parametrize("soft_prompt_first", [True, False])
 def test_loss_scores_the_caption_and_not_the_prompts(synthetic_dir, soft_prompt_first):
     model, tokenizer = tiny_captioner(synthetic_dir, noise_variance=0.0)
