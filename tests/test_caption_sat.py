@@ -264,8 +264,8 @@ def test_resume_equals_an_uninterrupted_run(synthetic_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_lstm(tmp_path_factory) -> tuple[Path, Path, dict[str, float]]:
-    """(data, output folder, final metrics) of 120 steps (batch 32) of the demo config with a smaller decoder on 1,500
-    synthetic images (generated here in ~5 s), evaluated before training (the untrained baseline) and after."""
+    """(data, output folder, final metrics) of 120 steps (batch 32) of the demo config on 1,500 synthetic images
+    (generated here in ~5 s), evaluated before training (the untrained baseline) and after."""
     from Caption import main
     from dataset.synthetic import generate
 
@@ -276,7 +276,6 @@ def trained_lstm(tmp_path_factory) -> tuple[Path, Path, dict[str, float]]:
                     "cpu", "--opts", f"data.train_file=[{data / 'coco_karpathy_train.json'}]",
                     f"data.val_file={data / 'coco_karpathy_val.json'}",
                     f"data.val_gt_file={data / 'coco_karpathy_val_gt.json'}", f"data.image_root={data / 'images'}",
-                    "model.embed_dim=64", "model.decoder_dim=128", "model.attention_dim=64", "optimizer.lr=2e-3",
                     "train.max_steps=120", "train.eval_every_epochs=0", "train.eval_before_training=true",
                     "train.log_every_steps=30", "train.count_flops=false", "eval.meteor=false",
                     "caption.attention_maps=3"])
