@@ -237,3 +237,25 @@ def test_sheet_is_readable(checkpoints, synthetic_dir, tmp_path) -> None:
     coloured = bar[(bar.max(axis=1) - bar.min(axis=1)) > 100]
     assert len(coloured) > picture.shape[1] // 2
     assert coloured[0][2] > coloured[0][0] and coloured[-1][0] > coloured[-1][2]  # blue ... red
+
+
+@pytest.mark.slow
+def test_predict_every_head_on_the_demo_pretraining(pretrained_demo, tmp_path) -> None:
+    """Predict.py --task itm | caption | vqa on the session's demo pretraining (caption and VQA heads built from it by
+    their key surgery, as Caption.py / VQA.py start): each writes its sheet, one map per word, no two words alike."""
+    data = pretrained_demo.data
+    entry = json.loads((data / "refcoco+_test.json").read_text())[0]
+    image_path = data / "images" / entry["image"]
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["red", "blue", "green", "circle", "square", "triangle"]))
+    runs = {"itm": ["--text", entry["text"]], "caption": ["--num_beams", "2"],
+            "vqa": ["--text", "what colour is the shape?", "--answer_list", str(answers)]}
+    for task, extra in runs.items():
+        out = tmp_path / f"{task}.png"
+        main(["--task", task, "--checkpoint", str(pretrained_demo.checkpoint), "--image", str(image_path),
+              "--out", str(out), "--save_npy", *extra])
+        described = json.loads(out.with_suffix(".json").read_text())
+        maps = np.load(out.with_suffix(".npy"))
+        assert described["mode"] == task and maps.shape[0] == len(described["maps"]) >= 3, described
+        assert_distinct_maps(maps[1:])
+        assert_sheet(cv2.imread(str(out)), cv2.imread(str(image_path)), len(described["maps"]) + 1)
