@@ -16,12 +16,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from common.checkpoint_file import load_checkpoint_file
+from dataset.text import pre_caption
 from dataset.tokenizer import build_tokenizer
 from dataset.transforms import load_image
 from engine.config import save_config
 from metrics.retrieval import recall_at_k
 from models import Predictor, create_model, load_model_and_transforms
 from models.inference import ImagePreprocess, checkpoint_config, infer_task, load_for_inference
+from tasks.retrieval_eval import encode_texts
 from tools.export import export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,8 +183,10 @@ def test_readme_example_runs(pretrained_demo, tmp_path, monkeypatch, capsys):
 
 
 def test_predictor_reproduces_the_evaluation(pretrained_demo):
-    """similarity() on the held-out retrieval set gives the ITC recall that the pretraining run's evaluation logged:
-    the same preprocessing (image transform, text cleaning, tokens) as the evaluation."""
+    """similarity() on the held-out retrieval set: the evaluation's text features (tasks.retrieval_eval, the same
+    cleaning and tokens) and the ITC recall the pretraining run logged. The synthetic captions repeat word for word,
+    so some similarities tie exactly and float rounding (max_tokens padding there, none here) orders the ties
+    differently: the recall agrees within a few tied queries, not to the digit."""
     entries = json.loads((pretrained_demo.data / "retrieval_test.json").read_text())
     images = [pretrained_demo.data / "images" / entry["image"] for entry in entries]
     texts, img2txt, txt2img = [], [], []
@@ -191,9 +195,15 @@ def test_predictor_reproduces_the_evaluation(pretrained_demo):
         texts += entry["caption"]
         txt2img += [index] * len(entry["caption"])
     predictor = Predictor.from_checkpoint(pretrained_demo.checkpoint, batch_size=16)
+    text_feats = predictor.text_features(texts)
+    _, _, evaluated = encode_texts(predictor.model, predictor.tokenizer, [pre_caption(text, 30) for text in texts],
+                                   torch.device("cpu"), max_tokens=32)
+    assert torch.allclose(text_feats, evaluated, atol=1e-5)
     sims = predictor.similarity(images, texts)
+    assert torch.allclose(sims, predictor.image_features(images) @ text_feats.T / float(predictor.model.temp.detach()),
+                          atol=1e-5)
     recall = recall_at_k(sims, sims.T, img2txt, txt2img)
-    assert recall["r_mean"] == pytest.approx(pretrained_demo.metrics["val/itc_r_mean"], abs=1e-4)
+    assert recall["r_mean"] == pytest.approx(pretrained_demo.metrics["val/itc_r_mean"], abs=0.5)
     # match(): one image against every text equals the pairwise call.
     pairwise = predictor.match([images[0]] * 3, texts[:3])
     assert torch.allclose(predictor.match(images[0], texts[:3]), pairwise, atol=1e-6)
