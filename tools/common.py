@@ -57,10 +57,15 @@ def setup_logging() -> None:
 
 
 def run_command(main: Callable[[Sequence[str] | None], Any], prog: str) -> None:
-    """``python -m tools.X``: a user error (wrong file, flag, checkpoint) is one line on stderr and exit status 2."""
+    """``python -m tools.X``: a user error (wrong file, flag, checkpoint) is one line on stderr and exit status 2;
+    Ctrl-C one line and status 130."""
     setup_logging()
-    with errors.exit_on_user_error(prog):
-        main(None)
+    try:
+        with errors.exit_on_user_error(prog):
+            main(None)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 # ---- image lists ----------------------------------------------------------------------------------------------------

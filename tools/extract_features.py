@@ -168,14 +168,17 @@ def extract(predictor: Predictor, checkpoint: str | Path, images: Sequence[Image
         log.info("resuming from %s: %d of %d image chunks and %d of %d text chunks already done", store.folder,
                  done_before["images"], store.num_chunks("images"), done_before["texts"], store.num_chunks("texts"))
     budget = max_chunks if max_chunks is not None else float("inf")
-    budget -= _image_chunks(predictor, images, store, embeds, num_workers, budget)
-    if budget > 0:
-        for chunk in store.todo("texts")[:None if budget == float("inf") else int(budget)]:
-            rows = store.rows("texts", chunk)
-            part = [text_list[row] for row in rows]
+    try:
+        budget -= _image_chunks(predictor, images, store, embeds, num_workers, budget)
+        for chunk in store.todo("texts")[:None if budget == float("inf") else max(0, int(budget))]:
+            part = [text_list[row] for row in store.rows("texts", chunk)]
             feats, cls = predictor.text_features(part, return_embeds=True)
             store.write("texts", chunk, {"feats": feats, **({"embeds": cls} if embeds else {})}, [""] * len(part))
-            budget -= 1
+    except KeyboardInterrupt:
+        done = sum(len(chunks) for chunks in store.done.values())
+        log.warning("interrupted: %d finished chunks are kept in %s; run the same command again to continue",
+                    done, store.folder)
+        raise
     if store.todo("images") or store.todo("texts"):
         left = len(store.todo("images")) + len(store.todo("texts"))
         log.info("stopped after --max_chunks %s new chunks; %d chunks left: run the same command again to continue",
