@@ -268,6 +268,30 @@ def test_fewer_shards_than_streams_warns_and_still_reads_each_sample(shards, cap
     assert len(keys) == PER_SHARD + stream.plan.padding == len(loader) * 2
 
 
+def test_resume_skips_without_decoding(shards, monkeypatch):
+    """Resuming at batch 5 of 14 reads the skipped samples' bytes but decodes only the 9 batches it yields, and
+    yields what the uninterrupted epoch yields from batch 5 on."""
+    import dataset.shards as shards_module
+
+    decoded = []
+    real_decode = shards_module.decode_image
+    monkeypatch.setattr(shards_module, "decode_image", lambda data, path, *a: decoded.append(path) or
+                        real_decode(data, path, *a))
+    batches = {}
+    for start in (0, 5):
+        stream = ShardStream(all_shards(shards), build_transform("pretrain", 16), shuffle_buffer=6, seed=1)
+        loader = create_loader(stream, 4, train=True, num_workers=0, collate_fn=lambda items: items, seed=1)
+        loader.sampler.set_epoch(2)
+        loader.sampler.set_start_batch(start, 4)
+        decoded.clear()
+        batches[start] = list(loader)
+        assert len(decoded) == (14 - start) * 4
+    assert [[item["key"] for item in batch] for batch in batches[5]] == \
+        [[item["key"] for item in batch] for batch in batches[0][5:]]
+    assert all(torch.equal(a["image"], b["image"]) for x, y in zip(batches[5], batches[0][5:], strict=True)
+               for a, b in zip(x, y, strict=True))  # the same augmentation too
+
+
 def test_pipe_urls_read_with_a_manifest(shards):
     """`pipe:` commands (e.g. `aws s3 cp ... -`) read like files; their counts come from the source's manifest."""
     spec = [{"urls": f"pipe:cat {all_shards(shards)}", "manifest": str(shards / MANIFEST)}]
