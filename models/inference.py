@@ -35,7 +35,7 @@ from dataset.annotations import load_answer_list
 from dataset.text import pre_caption, pre_question
 from dataset.tokenizer import build_tokenizer, tokenize
 from dataset.transforms import build_transform, load_image, normalize
-from models.gradcam import GRADCAM_MODES, GradCamMaps, compute_gradcam
+from models.gradcam import GRADCAM_HEADS, CaptionGradCam, GradCamMaps, caption_gradcam, compute_gradcam, vqa_gradcam
 from models.model_caption import AlbefCaption
 from models.model_vqa import AlbefVQA
 
@@ -439,13 +439,48 @@ class Predictor:
         return best
 
     # ---- Grad-CAM
-    def gradcam(self, image: ImageInput, text: str, head: str = "itm", block_num: int | None = None) -> GradCamMaps:
-        """Grad-CAM of one (image, text) pair on the patch grid (models.gradcam): ``head`` 'itm' (the ITM match
-        logit through a fusion layer's cross-attention: a map per token and for the whole text) or 'itc' (the
-        image-text similarity through the image encoder's last attention)."""
-        self._need("gradcam", hasattr(self.model, "itm_head"), "pretraining / retrieval / grounding")
-        if head not in GRADCAM_MODES:
-            raise ValueError(f"gradcam head must be one of {GRADCAM_MODES}, got {head!r}")
+    def gradcam(self, image: ImageInput, text: str | None = None, head: str = "itm", block_num: int | None = None,
+                answer: str | None = None, answer_list: Sequence[str] | str | Path | None = None,
+                prompt: str | None = None, **generation: Any) -> GradCamMaps | CaptionGradCam:
+        """Grad-CAM of one image on the patch grid (models.gradcam), for ``head``:
+
+        - 'itm' (pretraining / retrieval / grounding): the ITM match logit of ``text`` through a fusion layer's
+          cross-attention: a map per token (``token_maps``) and for the whole text (``text_map``);
+        - 'itc': the image-text similarity of ``text`` through the image encoder's last attention (``text_map``);
+        - 'caption' (a captioning model): ``text`` is the caption to explain (None: the one it generates with
+          ``prompt`` and ``generation``) -> CaptionGradCam: a map per caption token;
+        - 'vqa' (a VQA model): ``text`` is the question, ``answer`` the answer to explain (None: the model's best of
+          ``answer_list``) -> the answer's map (``text_map``) and each question token's (``token_maps``)."""
+        if head not in GRADCAM_HEADS:
+            raise ValueError(f"gradcam head must be one of {GRADCAM_HEADS}, got {head!r}")
+        if head == "caption":
+            return self._caption_gradcam(image, text, block_num, prompt, **generation)
+        if not text:
+            raise ValueError(f"gradcam head {head!r} needs a text ({'the question' if head == 'vqa' else 'a caption'})")
+        if head == "vqa":
+            self._need("gradcam head 'vqa'", isinstance(self.model, AlbefVQA), "VQA (VQA.py, or task='vqa')")
+            if answer is None:
+                answer = self.answer([image], [text], answer_list=answer_list)[0]
+            max_answer = int((self.config.get("data") or {}).get("max_answer_tokens", DEFAULT_MAX_ANSWER_TOKENS))
+            answer_ids, answer_mask = tokenize(self.tokenizer, [answer], max_answer, add_eos=True)
+            ids, mask = self._tokens([text], clean=pre_question)
+            return vqa_gradcam(self.model, self.images_tensor([image]), ids, mask, answer_ids.to(self.device),
+                               answer_mask.to(self.device), block_num)
+        self._need(f"gradcam head {head!r}", hasattr(self.model, "itm_head"), "pretraining / retrieval / grounding")
         ids, mask = self._tokens([text])
         return compute_gradcam(self.model, self.images_tensor([image]), ids, mask, head, block_num)
 
+    def _caption_gradcam(self, image: ImageInput, caption: str | None, block_num: int | None, prompt: str | None,
+                         **generation: Any) -> CaptionGradCam:
+        self._need("gradcam head 'caption'", isinstance(self.model, AlbefCaption),
+                   "captioning (Caption.py, or task='caption')")
+        prompt = prompt if prompt is not None else (self.config.get("caption") or {}).get("prompt", DEFAULT_PROMPT)
+        if caption is None:
+            caption = self.caption([image], prompt=prompt, **{**generation, "num_return_sequences": 1})[0]
+        context, _ = tokenize(self.tokenizer, [prompt.strip()], max_length=512)  # [CLS] + the prompt's pieces
+        pieces = self.tokenizer(pre_caption(caption, self.max_words), add_special_tokens=False)["input_ids"]
+        if not pieces:
+            raise ValueError(f"nothing to explain: the caption {caption!r} has no tokens")
+        ids = torch.tensor([context[0].tolist() + pieces], device=self.device)
+        return caption_gradcam(self.model, self.images_tensor([image]), ids, torch.ones_like(ids),
+                               context.shape[1], block_num)

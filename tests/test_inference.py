@@ -131,6 +131,28 @@ def test_methods_refuse_a_model_without_the_head(tiny, synthetic_dir):
         retrieval.match([image, image], ["a", "b", "c"])
     with pytest.raises(ValueError, match="gradcam head must be one of"):
         retrieval.gradcam(image, "a red circle", head="nope")
+    with pytest.raises(ValueError, match="gradcam head 'caption' needs a captioning"):
+        retrieval.gradcam(image, head="caption")
+    with pytest.raises(ValueError, match="gradcam head 'itm' needs a pretraining"):
+        vqa.gradcam(image, "a red circle")
+
+
+def test_gradcam_of_every_head(tiny, synthetic_dir):
+    image = synthetic_images(synthetic_dir, 1)[0]
+    retrieval = Predictor.from_checkpoint(tiny["retrieval"])
+    itm = retrieval.gradcam(image, "a red circle")
+    assert itm.text_map.shape == (1, 6, 6) and itm.token_maps.shape == (1, 4, 6, 6) and 0 < float(itm.match_prob) < 1
+    assert retrieval.gradcam(image, "a red circle", head="itc").token_maps is None
+    captioner = Predictor.from_checkpoint(tiny["caption"])
+    given = captioner.gradcam(image, "a red circle", head="caption")
+    assert given.token_maps.shape == (3, 6, 6)  # one map per caption token (the prompt is context)
+    assert captioner.tokenizer.decode(given.token_ids) == "a red circle"
+    generated = captioner.gradcam(image, head="caption", num_beams=2, max_length=6, min_length=2)
+    assert generated.token_maps.shape[0] == len(generated.token_ids) >= 2
+    vqa = Predictor.from_checkpoint(tiny["vqa"])
+    maps = vqa.gradcam(image, "what colour is the circle?", head="vqa", answer_list=["red", "blue", "two"])
+    assert maps.text_map.shape == (1, 6, 6) and maps.token_maps.shape[:2] == (1, 6)  # [CLS] + 5 question words
+    assert float(maps.text_map.abs().sum()) > 0
 
 
 def test_safetensors_export_loads_like_the_checkpoint(tiny, synthetic_dir, tmp_path):
