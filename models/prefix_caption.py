@@ -22,6 +22,7 @@ bridges the gap between text and image features; at inference the image's featur
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -168,20 +169,23 @@ def build_language_model(name_or_path: str, overrides: dict[str, Any], vocab_siz
 # ---------------------------------------------------------------------------------------------------- feature sources
 
 
-class FeatureSource(nn.Module):
+class FeatureSource(nn.Module, abc.ABC):
     """A frozen encoder into an aligned image-text space: normalised text and image features of width ``dim``, and
     the logit scale of its contrastive similarities (1 / temperature), for zero-shot classification."""
 
     dim: int
 
+    @abc.abstractmethod
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        raise NotImplementedError
+        """(N, dim) normalised features of the texts."""
 
+    @abc.abstractmethod
     def encode_image(self, image: Tensor) -> Tensor:
-        raise NotImplementedError
+        """(B, dim) normalised features of normalised images (B, 3, H, W)."""
 
+    @abc.abstractmethod
     def logit_scale(self) -> float:
-        raise NotImplementedError
+        """The factor of the cosine similarities before a softmax over classes."""
 
 
 class AlbefFeatures(FeatureSource):
