@@ -28,8 +28,9 @@ How a pass is laid out (every rank computes the same plan from (seed, epoch) and
    largest remainders). Its samples form an endless sequence of passes; pass p visits its shards in a permutation drawn
    from (seed, s, p), each shard's members in tar order. Epoch e takes positions [e N_s, (e + 1) N_s) of it, so with
    mixing every sample of a source is used once before any is used again.
-2. Streams. There are R x W streams (R ranks, W loader workers per rank, at least 1). Each source's epoch positions
-   are cut into R x W contiguous ranges of (almost) equal size, one per stream; a range is a list of pieces
+2. Streams. There are R x W streams (R ranks, W loader workers per rank, at least 1), each given an even share of
+   the epoch (sizes differ by at most 1) made of each source in proportion (rounded). Each source's epoch positions
+   are cut into R x W contiguous ranges of those sizes, one per stream; a range is a list of pieces
    (shard, first member, last member). A stream opens only the shards its pieces touch; the member at a range's start
    is reached by reading through the tar members before it (not decoding them). So every sample of the pass belongs
    to exactly one stream, whatever R and W, even with fewer shards than streams; but then streams share shards and
@@ -40,8 +41,8 @@ How a pass is laid out (every rank computes the same plan from (seed, epoch) and
 4. Equal steps. DDP needs every rank to take the same number of steps S. The DataLoader takes batch k of a rank from
    its worker k mod W; worker w therefore yields ceil((S - w) / W) batches of B samples, and S is the smallest number
    of steps that lets every stream deliver all its samples. A stream shorter than its batches pads them by repeating
-   its own first samples (fewer than 2 B + #sources per stream: ``EpochPlan.padding`` counts them, logged when the
-   loader is built). So each sample is seen once per pass, plus those repeats; none when the counts divide evenly.
+   its own first samples (fewer than 2 B per stream: ``EpochPlan.padding`` counts them, logged when the loader is
+   built). So each sample is seen once per pass, plus those repeats; none when the counts divide evenly.
 
 Resume. The loader's ``sampler`` is this dataset: the engine calls ``set_epoch(e)`` and ``set_start_batch(b, B)``
 as for the JSON datasets, and the run state records (epoch, batch). Batch b of a rank belongs to stream
@@ -297,8 +298,16 @@ class EpochPlan:
         total = sum(self.sizes)
         cuts = [total * i // streams for i in range(streams + 1)]  # even split of the epoch's samples
         # allot[i][s]: samples of source s in stream i; offset[i][s]: where they start in the source's epoch range.
-        self.allot = [[size * cuts[i + 1] // total - size * cuts[i] // total if total else 0 for size in self.sizes]
+        # Proportional shares rounded down, then each stream's few missing samples taken from the sources with the
+        # most samples not yet given out: every stream gets exactly its even share, every source exactly its size.
+        self.allot = [[(cuts[i + 1] - cuts[i]) * size // total if total else 0 for size in self.sizes]
                       for i in range(streams)]
+        left = [size - sum(row[s] for row in self.allot) for s, size in enumerate(self.sizes)]
+        for i, row in enumerate(self.allot):
+            for _ in range(cuts[i + 1] - cuts[i] - sum(row)):
+                s = max(range(len(left)), key=lambda j: (left[j], -j))
+                row[s] += 1
+                left[s] -= 1
         self.offset = [[0] * len(self.sizes) for _ in range(streams)]
         for s in range(len(self.sizes)):
             running = 0
