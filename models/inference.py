@@ -216,6 +216,9 @@ def load_for_inference(checkpoint: str | Path | Mapping[str, Any], task: str | N
     model_cfg["bert_config"] = _local_path(str(model_cfg.get("bert_config", "configs/config_bert.json")))
     model_cfg["text_encoder"] = ""  # the checkpoint holds the text encoder: nothing to download
     model_cfg["vit"] = {**dict(model_cfg.get("vit") or {}), "pretrained": ""}
+    # Training-time memory savers (same maths): nothing to save without a backward pass over the whole model.
+    model_cfg["memory_efficient"] = False
+    model_cfg["grad_checkpointing"] = False
     if tokenizer is None or isinstance(tokenizer, str | Path):
         tokenizer = build_tokenizer(_local_path(str(tokenizer or model_cfg.get("tokenizer", "bert-base-uncased"))))
     device = torch.device(device)
@@ -259,10 +262,10 @@ def _chunks(count: int, size: int) -> Iterator[slice]:
 
 
 def _as_list(items: Any, what: str) -> list[Any]:
-    if isinstance(items, str | os.PathLike | np.ndarray) or (isinstance(items, Tensor) and items.dim() == 3):
+    if isinstance(items, str | os.PathLike) or (isinstance(items, Tensor | np.ndarray) and items.ndim in (2, 3)):
         return [items]  # one image (or one text)
-    if isinstance(items, Tensor):
-        return list(items)  # (B, 3, H, W)
+    if isinstance(items, Tensor | np.ndarray) and items.ndim == 4:
+        return list(items)  # a batch: (B, 3, H, W) tensor or (B, H, W, 3) array
     if hasattr(items, "convert") and hasattr(items, "size"):  # one PIL image
         return [items]
     items = list(items)
