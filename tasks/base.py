@@ -107,10 +107,12 @@ class AlbefTask(Task):
                 raise ValueError("data.train_file and data.train_shards are both set: train from one of them")
             from dataset.shards import ShardStream  # here: only the tasks with the shard keys need it
 
-            options = self.dataset_options()
+            if options:
+                raise ValueError(f"{type(self).__name__}: training from data.train_shards does not take the dataset "
+                                 f"options {sorted(options)}: use data.train_file")
             stream = ShardStream(data.train_shards, self.transform(transform_kind), dataset_cls.kind,
                                  int(data.max_words), samples_per_epoch=int(data.samples_per_epoch),
-                                 shuffle_buffer=int(data.shuffle_buffer), **options)
+                                 shuffle_buffer=int(data.shuffle_buffer), **self.dataset_options())
             loader = self.loader(stream, train=True)
             log.info("%s", stream.describe())
             return loader
