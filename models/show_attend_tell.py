@@ -166,8 +166,16 @@ class GridEncoder(nn.Module):
 
     def __init__(self, cfg: SatCfg) -> None:
         super().__init__()
-        self.backbone = timm.create_model(cfg.encoder, pretrained=cfg.pretrained, num_classes=0, global_pool="",
-                                          output_stride=cfg.output_stride)
+        try:
+            self.backbone = timm.create_model(cfg.encoder, pretrained=cfg.pretrained, num_classes=0, global_pool="",
+                                              output_stride=cfg.output_stride)
+        except OSError as err:  # pretrained weights neither cached nor downloadable
+            raise OSError(f"model.encoder {cfg.encoder!r}: timm could not load its pretrained weights ({err}); "
+                          "give the machine access to them (Hugging Face hub cache) or set model.pretrained=false "
+                          "for a random init") from None
+        except (TypeError, RuntimeError) as err:  # another architecture (no output_stride), an unknown name
+            raise ValueError(f"model.encoder {cfg.encoder!r}: timm cannot build it as a ResNet with output_stride "
+                             f"{cfg.output_stride} ({err}); use e.g. resnet101, resnet50 or resnet18") from None
         children = dict(self.backbone.named_children())
         if not all(name in children for name in (*RESNET_STEM, *RESNET_STAGES)):
             raise ValueError(f"model.encoder {cfg.encoder!r} is not a timm ResNet (conv1, bn1, layer1-4): use e.g. "
