@@ -226,7 +226,14 @@ def test_faults_are_replaced_counted_and_named(shards, tmp_path, caplog):
         batches_by_workers[workers] = batches
         # 7 (missing shard) + 4 (truncated after 3 of 7) + 1 (no caption) + 1 (undecodable) replaced positions.
         assert sum(item["num_skipped"] for batch in batches for item in batch) == 13
-    log = caplog.text  # the in-process run (0 workers) logged here
+    # Batches of 1: the undecodable image's batch has no good item of its own; the next sample stands in.
+    single = ShardStream(all_shards(broken), build_transform("test", 16), shuffle_buffer=4, seed=0,
+                         max_bad_image_fraction=0.5)
+    loader = create_loader(single, 1, train=True, num_workers=0, collate_fn=lambda items: items, seed=0)
+    loader.sampler.set_epoch(0)
+    items = [item for batch in loader for item in batch]
+    assert len(items) == 56 and sum(item["num_skipped"] for item in items) == 13
+    log = caplog.text  # the in-process runs (0 workers) logged here
     assert "00001.tar: samples 0..6 of 7 missing (FileNotFoundError: [Errno 2] No such file" in log
     assert "00002.tar: samples 3..6 of 7 missing (the shard ended after 3 samples" in log
     assert "cannot use image" in log and "00003.tar" in log and "no caption" in log
