@@ -108,6 +108,10 @@ class StreamLoader(SignalSafeLoader):
     def sampler(self, value: Any) -> None:  # DataLoader.__init__ sets it
         self._placeholder_sampler = value
 
+    def __len__(self) -> int:
+        """Batches left in the epoch on this rank (the dataset's own len() counts the epoch's samples)."""
+        return self.dataset.batches_left()
+
 
 def shutdown_workers(loader: DataLoader) -> None:
     """Stop the worker processes that a loader with persistent workers keeps between epochs (they would otherwise

@@ -516,9 +516,12 @@ class ShardStream(IterableDataset):
         self.start_batch = min(num_batches, plan.steps)
 
     def __len__(self) -> int:
-        """Samples this rank yields from the current position to the epoch's end (DataLoader's len divides it)."""
-        plan = self._require_plan()
-        return (plan.steps - self.start_batch) * plan.batch_size
+        """The epoch's samples over all ranks (as len() of a JSON dataset counts its entries)."""
+        return sum(self.sizes)
+
+    def batches_left(self) -> int:
+        """Batches this rank yields from the current position to the epoch's end (the loader's len())."""
+        return self._require_plan().steps - self.start_batch
 
     def _require_plan(self) -> EpochPlan:
         if self.plan is None:
