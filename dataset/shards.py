@@ -58,7 +58,8 @@ does not decode is replaced by the next good item of its own batch (batches are 
 replays exactly). Every fault is logged with the shard and key, counted in the batch's ``num_skipped`` (the engine
 reports them per epoch) and fed to the bad-data guard of its source (``data.max_bad_image_fraction``, per loader
 worker and source: see dataset.datasets.bad_image_rate_exceeds), which stops the run with an error naming the source
-when the evidence says more of its data is broken than allowed. Nothing else stops an epoch.
+when the evidence says more of its data is broken than allowed. Nothing else stops an epoch, short of a stream in
+which not one sample can be read (an error naming the source).
 """
 
 from __future__ import annotations
