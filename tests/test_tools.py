@@ -176,6 +176,13 @@ def test_export_then_evaluate_from_safetensors(layout, pretrained_demo):
     proc = run_tool("tools.export", "--checkpoint", "output/demo/checkpoint_last.pth", "--out", str(out), cwd=layout)
     assert "task pretrain" in proc.stdout and out.with_suffix(".json").is_file()
     assert out.stat().st_size < pretrained_demo.checkpoint.stat().st_size / 2  # no optimizer, no momentum copies
+    # Predict.py reads it as it reads a .pth.
+    from Predict import main as predict
+
+    sheet = layout / "cam.png"
+    predict(["--checkpoint", str(out), "--image", str(layout / "photos" / "img_01.jpg"), "--text", "a red circle",
+             "--out", str(sheet)])
+    assert load_image(sheet).shape[0] > 200
     data = pretrained_demo.data
     metrics = Retrieval.main([
         "--config", str(REPO / "configs" / "demo" / "Retrieval.yaml"), "--checkpoint", str(out), "--evaluate",
