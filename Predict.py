@@ -105,6 +105,10 @@ def _loaded(args: argparse.Namespace, task: str):
 
 
 def caption_explainer(args: argparse.Namespace) -> Explainer:
+    from tasks.caption_sat import attention_explainer, is_show_attend_tell_checkpoint
+
+    if is_show_attend_tell_checkpoint(args.checkpoint):  # Caption.py's LSTM family: its soft attention per word
+        return attention_explainer(args.checkpoint, args.device, args.prompt, args.num_beams)
     loaded = _loaded(args, "caption")
     generation = {} if args.num_beams is None else {"num_beams": args.num_beams}
     return lambda image, _text: explain_caption(loaded, image, args.block_num, args.prompt, **generation)

@@ -260,12 +260,52 @@ def load_captioner(checkpoint_path: str | Path, device: str | torch.device = "cp
 
 
 def caption_image_file(model: ShowAttendTell, config: dict[str, Any], image_rgb: np.ndarray,
-                       settings: GenerationSettings | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Caption one (H, W, 3) uint8 RGB image as evaluation does: (words, alphas (len(words), grid, grid), the
-    model's input image (res, res, 3) to draw the maps over)."""
+                       settings: GenerationSettings | None = None, prompt: str | None = None
+                       ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Caption one (H, W, 3) uint8 RGB image as evaluation does (the checkpoint's generation settings and prompt
+    unless given): (words, alphas (len(words), grid, grid), the model's input image (res, res, 3))."""
     res = int(config["model"]["image_res"])
     pixels = build_transform("test", res)(image_rgb, np.random.default_rng(0))  # uint8 (3, res, res)
     settings = settings or GenerationSettings.from_config(config.get("generation", {}))
-    prompt = str(config.get("caption", {}).get("prompt", ""))
+    prompt = str(config.get("caption", {}).get("prompt", "")) if prompt is None else prompt
     [(words, alphas)] = caption_with_attention(model, pixels[None], settings, prompt)
     return words, alphas, pixels.permute(1, 2, 0).numpy()
+
+
+def is_show_attend_tell_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a Caption.py checkpoint of this family (its config says model.arch show_attend_tell)."""
+    config = load_checkpoint_file(path).get("config")
+    return isinstance(config, dict) and (config.get("model") or {}).get("arch") == "show_attend_tell"
+
+
+def attention_explainer(checkpoint_path: str | Path, device: str = "cpu", prompt: str | None = None,
+                        num_beams: int | None = None):
+    """For Predict.py --task caption: image path -> a tasks.gradcam_view.Explanation of the caption, whose word maps
+    are the soft attention that chose each word (the sheet's summary tile: their mean), and whose score is the mean
+    log-probability of the caption's words and its end."""
+    from dataset.transforms import load_image
+    from tasks.gradcam_view import Explanation
+
+    model, config = load_captioner(checkpoint_path, device)
+    block = dict(config.get("generation", {}))
+    block.update({"num_return_sequences": 1, **({"num_beams": num_beams} if num_beams is not None else {})})
+    settings = GenerationSettings.from_config(block)
+    prompt = str(config.get("caption", {}).get("prompt", "")) if prompt is None else prompt
+
+    def explain(image_path: str, _text: Any = None) -> Explanation:
+        words, alphas, pixels = caption_image_file(model, config, load_image(image_path), settings, prompt)
+        if not words:
+            raise ValueError(f"the model generated an empty caption for {image_path}")
+        word_map = model.word_map
+        ids = [*prompt_ids(word_map, prompt).tolist(), *word_map.encode(" ".join(words)), word_map.sep_token_id]
+        with torch.no_grad():
+            image = normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device))
+            logits, _ = model(image, torch.tensor([ids], device=device))
+            scored = logits[0, len(ids) - len(words) - 2:].float().log_softmax(-1)  # the words and <end>
+            score = float(scored.gather(1, torch.tensor(ids[-len(words) - 1:], device=device)[:, None]).mean())
+        caption = " ".join(words)
+        return Explanation(text=caption, words=words, word_maps=alphas, sentence_map=alphas.mean(axis=0),
+                           itm_prob=None, mode="caption", summary_label="mean attention", score=score,
+                           title=f'caption: "{caption}" (mean log p {score:.2f}; soft attention per word)')
+
+    return explain

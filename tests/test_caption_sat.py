@@ -342,3 +342,23 @@ def test_evaluation_on_two_gloo_processes_equals_one_process(trained_lstm, synth
     assert len({r["caption"] for r in results_one}) > 1  # captions that depend on the image
     two = [json.loads(line) for line in (tmp_path / "two/log.jsonl").read_text().splitlines() if "val/CIDEr" in line]
     assert two[-1]["val/CIDEr"] == pytest.approx(one["val/CIDEr"])
+
+
+@pytest.mark.slow
+def test_predict_captions_an_image_with_its_attention_sheet(trained_lstm, tmp_path, capsys):
+    """Predict.py --task caption on a show_attend_tell checkpoint: the caption evaluation gave, printed, and the
+    Grad-CAM-style sheet of its soft attention, with the maps as .npy."""
+    from Predict import main
+
+    data, out, _ = trained_lstm
+    first = json.loads((data / "coco_karpathy_val.json").read_text())[0]
+    png = tmp_path / "cap.png"
+    [written] = main(["--task", "caption", "--checkpoint", str(out / "checkpoint_last.pth"), "--image",
+                      str(data / "images" / first["image"]), "--out", str(png), "--save_npy"])
+    image_id = int(Path(first["image"]).stem.split("_")[-1])
+    caption = next(r["caption"] for r in json.loads((out / "caption_val_eval2.json").read_text())
+                   if r["image_id"] == image_id)
+    assert written == png and png.is_file() and repr(caption) in capsys.readouterr().out
+    maps = np.load(tmp_path / "cap.npy")  # the summary (mean) map, then one per word
+    assert maps.shape == (1 + len(caption.split()), 4, 4)
+    np.testing.assert_allclose(maps[1:].sum(axis=(1, 2)), 1.0, atol=1e-5)
