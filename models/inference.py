@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from common.checkpoint_file import load_checkpoint_file
+from common.config_file import read_config_file
 from dataset.annotations import load_answer_list
 from dataset.text import pre_caption, pre_question
 from dataset.tokenizer import build_tokenizer, tokenize
@@ -84,18 +85,6 @@ def infer_task(checkpoint: Mapping[str, Any]) -> str | None:
     if "itm_head" in tops:
         return "retrieval"
     return None
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A task YAML with its ``base:`` files merged underneath (no schema check: the model reads its own keys)."""
-    # engine.config owns the YAML reading (base: includes, clear errors); it imports no training code, and it is
-    # imported here only when a config file is given, so that `models` keeps loading without the engine package.
-    from engine.config import _load_layers, deep_update
-
-    merged: dict[str, Any] = {}
-    for layer, _source in _load_layers(Path(path)):
-        deep_update(merged, layer)
-    return merged
 
 
 def checkpoint_config(checkpoint: Mapping[str, Any], config: str | Path | Mapping[str, Any] | None = None,

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from common.config_file import read_config_file
 from dataset.text import pre_caption
 from dataset.tokenizer import build_tokenizer, tokenize
 from dataset.transforms import build_transform, load_image, normalize
 from engine import dist
 from engine.checkpoint import load_checkpoint_file
-from engine.config import _load_layers, deep_update
 from models import create_model, load_checkpoint, read_state_dict
 from models.gradcam import GRADCAM_MODES, caption_gradcam, compute_gradcam, vqa_gradcam
 
@@ -143,9 +143,7 @@ def model_config(checkpoint: dict[str, Any], config_path: str | Path | None) -> 
     """The config of a checkpoint (its ``model:`` block, data.max_words / max_tokens): from ``config_path`` (a task
     YAML, its ``base:`` files included) when given, else the config our checkpoints carry (official files have none)."""
     if config_path:
-        merged: dict[str, Any] = {}
-        for layer, _source in _load_layers(Path(config_path)):
-            deep_update(merged, layer)
+        merged = read_config_file(config_path)
     elif isinstance(checkpoint.get("config"), dict):
         merged = checkpoint["config"]
     else:

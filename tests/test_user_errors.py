@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.config_file import nearest_config_files
 from dataset.tokenizer import build_tokenizer
 from engine import build_schema, errors, load_config
-from engine.config import nearest_config_files
 from models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
