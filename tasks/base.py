@@ -68,9 +68,13 @@ class AlbefTask(Task):
 
     def __init__(self, config, device: torch.device) -> None:
         super().__init__(config, device)
-        self.tokenizer = build_tokenizer(config.model.tokenizer)
+        self.tokenizer = self.build_tokenizer()
         self.skipped_eval_images: dict[str, int] = {}  # split -> samples left out of its last evaluation
         self._broken_eval_entries: dict[tuple, dict[int, str]] = {}  # (split, files) -> entry -> why, once per run
+
+    def build_tokenizer(self) -> Any:
+        """The text tokenizer (model.tokenizer's BERT WordPiece); a task with another vocabulary overrides it."""
+        return build_tokenizer(self.config.model.tokenizer)
 
     # ---- model -----------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:

@@ -85,21 +85,16 @@ class ShowAttendTellTask(CaptionTask):
     open_config_keys = ()
 
     def __init__(self, config, device) -> None:
-        # Task's constructor, not AlbefTask's: there is no BERT tokenizer; the word map plays its part.
-        Task.__init__(self, config, device)
-        self.skipped_eval_images: dict[str, int] = {}
-        self._broken_eval_entries: dict[tuple, dict[int, str]] = {}
-        self.constant_captions = {}
-        self.settings = GenerationSettings.from_config(config.generation)
         self.sat_cfg = SatCfg.from_config(config.model)
-        self.tokenizer = self.initial_word_map()
-        self.prompt_length = len(prompt_ids(self.tokenizer, config.caption.prompt))  # <start> + prompt words
+        super().__init__(config, device)  # its tokenizer is the word map (build_tokenizer), prompt_length in its words
         for key in ("teacher_forcing", "teacher_forcing_final"):
             value = config.caption[key]
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"config key 'caption.{key}' must be a probability in [0, 1], got {value}")
 
-    def initial_word_map(self) -> WordMap:
+    def build_tokenizer(self) -> WordMap:
+        """The word map of caption.word_map_file, else built from the training captions (a --checkpoint brings its
+        own: load_pretrained)."""
         caption, data = self.config.caption, self.config.data
         if caption.word_map_file:
             path = Path(caption.word_map_file)
