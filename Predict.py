@@ -33,7 +33,14 @@ from pathlib import Path
 from dataset.transforms import load_image
 from engine import errors
 from models.gradcam import GRADCAM_MODES
-from tasks.gradcam_view import Explanation, explain_answer, explain_caption, load_predictor, write_explanation
+from tasks.gradcam_view import (
+    Explanation,
+    explain_answer,
+    explain_caption,
+    explain_text,
+    load_predictor,
+    write_explanation,
+)
 
 TASKS = ("itm", "caption", "vqa")
 Explainer = Callable[[str, str | None], Explanation]  # (image path, text or None) -> explanation
@@ -91,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- one explainer per task: (image, text) -> Explanation, and the line printed for it ------------------------------
 def itm_explainer(args: argparse.Namespace) -> Explainer:
     predictor = load_predictor(args.checkpoint, args.config, args.tokenizer, args.device)
-    return lambda image, text: predictor.explain(load_image(image), text, args.mode, args.block_num)
+    return lambda image, text: explain_text(predictor, load_image(image), text, args.mode, args.block_num)
 
 
 def _loaded(args: argparse.Namespace, task: str):

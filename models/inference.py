@@ -314,7 +314,7 @@ class Predictor:
         """Normalised (B, 3, res, res) on the model's device and dtype."""
         return self.transform.batch(images).to(self.device, self.dtype)
 
-    def _tokens(self, texts: Sequence[str], clean: Any = pre_caption, max_tokens: int | None = None,
+    def tokens(self, texts: Sequence[str], clean: Any = pre_caption, max_tokens: int | None = None,
                 add_eos: bool = False) -> tuple[Tensor, Tensor]:
         if any(not isinstance(text, str) for text in texts):
             raise ValueError("texts must be strings")
@@ -345,7 +345,7 @@ class Predictor:
         texts = _as_list(texts, "texts")
         feats, embeds = [], []
         for part in _chunks(len(texts), self.batch_size):
-            text_embeds = self.model.encode_text(*self._tokens(texts[part]))
+            text_embeds = self.model.encode_text(*self.tokens(texts[part]))
             feats.append(self.model.text_feat(text_embeds).float().cpu())
             if return_embeds:
                 embeds.append(text_embeds[:, 0].float().cpu())
@@ -365,7 +365,7 @@ class Predictor:
         images, texts = _broadcast(_as_list(images, "images"), _as_list(texts, "texts"))
         probs = []
         for part in _chunks(len(texts), self.batch_size):
-            ids, mask = self._tokens(texts[part])
+            ids, mask = self.tokens(texts[part])
             image_embeds = self.model.encode_image(self.images_tensor(images[part]))
             fused = self.model.fuse(self.model.encode_text(ids, mask), mask, image_embeds)
             probs.append(self.model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1].cpu())
@@ -424,7 +424,7 @@ class Predictor:
         images, questions = _broadcast(_as_list(images, "images"), _as_list(questions, "questions"))
         best: list[str] = []
         for part in _chunks(len(questions), self.batch_size):
-            ids, mask = self._tokens(questions[part], clean=pre_question)
+            ids, mask = self.tokens(questions[part], clean=pre_question)
             states = self.model.encode_question(self.images_tensor(images[part]), ids, mask)
             topk_ids, _ = self.model.rank_answers(states, mask, answer_ids, answer_mask, k)  # (B, k)
             best += [answers[index] for index in topk_ids[:, 0].tolist()]
@@ -433,12 +433,13 @@ class Predictor:
     # ---- Grad-CAM
     def gradcam(self, image: ImageInput, text: str | None = None, head: str = "itm", block_num: int | None = None,
                 answer: str | None = None, answer_list: Sequence[str] | str | Path | None = None,
-                prompt: str | None = None, **generation: Any) -> GradCamMaps | CaptionGradCam:
+                prompt: str | None = None, vit_block: int = -1, **generation: Any) -> GradCamMaps | CaptionGradCam:
         """Grad-CAM of one image on the patch grid (models.gradcam), for ``head``:
 
         - 'itm' (pretraining / retrieval / grounding): the ITM match logit of ``text`` through a fusion layer's
           cross-attention: a map per token (``token_maps``) and for the whole text (``text_map``);
-        - 'itc': the image-text similarity of ``text`` through the image encoder's last attention (``text_map``);
+        - 'itc': the image-text similarity of ``text`` through an image encoder block's attention (``vit_block``,
+          the last by default) (``text_map``);
         - 'caption' (a captioning model): ``text`` is the caption to explain (None: the one it generates with
           ``prompt`` and ``generation``) -> CaptionGradCam: a map per caption token;
         - 'vqa' (a VQA model): ``text`` is the question, ``answer`` the answer to explain (None: the model's best of
@@ -455,12 +456,12 @@ class Predictor:
                 answer = self.answer([image], [text], answer_list=answer_list)[0]
             max_answer = int((self.config.get("data") or {}).get("max_answer_tokens", DEFAULT_MAX_ANSWER_TOKENS))
             answer_ids, answer_mask = tokenize(self.tokenizer, [answer], max_answer, add_eos=True)
-            ids, mask = self._tokens([text], clean=pre_question)
+            ids, mask = self.tokens([text], clean=pre_question)
             return vqa_gradcam(self.model, self.images_tensor([image]), ids, mask, answer_ids.to(self.device),
                                answer_mask.to(self.device), block_num)
         self._need(f"gradcam head {head!r}", hasattr(self.model, "itm_head"), "pretraining / retrieval / grounding")
-        ids, mask = self._tokens([text])
-        return compute_gradcam(self.model, self.images_tensor([image]), ids, mask, head, block_num)
+        ids, mask = self.tokens([text])
+        return compute_gradcam(self.model, self.images_tensor([image]), ids, mask, head, block_num, vit_block)
 
     def _caption_gradcam(self, image: ImageInput, caption: str | None, block_num: int | None, prompt: str | None,
                          **generation: Any) -> CaptionGradCam:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from dataset.transforms import load_image
+from models.inference import Predictor
 from refTools import REFER, heat_peak_in_box
-from tasks.gradcam_view import Predictor, explain_image, load_predictor
+from tasks.gradcam_view import explain_image, explain_text, load_predictor
 
 DEMO_REFER_DATASET = "refcoco+"
 
@@ -46,7 +47,7 @@ def pointing_game(predictor: Predictor, data_dir: Path, limit: int = 200) -> Poi
     hits, area_shares = [], []
     for entry in _test_entries(data_dir)[:limit]:
         image = load_image(data_dir / "images" / entry["image"])
-        explanation = predictor.explain(image, entry["text"], "itm")
+        explanation = explain_text(predictor, image, entry["text"], "itm")
         box = refer.get_ref_box(entry["ref_id"])
         hits.append(heat_peak_in_box(torch.from_numpy(explanation.sentence_map), box, image.shape[:2]))
         area_shares.append(box[2] * box[3] / (image.shape[0] * image.shape[1]))

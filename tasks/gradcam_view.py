@@ -1,7 +1,7 @@
 """Grad-CAM pictures of one image, shared by Predict.py, the web demo (tools/app.py) and the demo: the heat map of
 every word and of the whole text (models.gradcam) for each head, and a readable PNG sheet of them.
 
-- itm / itc: a text on an image, from any checkpoint with the ITM head (`load_predictor`, `Predictor.explain`);
+- itm / itc: a text on an image, from any checkpoint with the ITM head (`load_predictor`, `explain_text`);
 - caption: the caption a captioning checkpoint generates, one map per generated word (`explain_caption`);
 - vqa: the answer a VQA checkpoint gives to a question, the answer's map and one per question word
   (`explain_answer`).
@@ -22,16 +22,15 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from common.config_file import read_config_file
 from dataset.text import pre_caption
-from dataset.tokenizer import build_tokenizer, tokenize
-from dataset.transforms import build_transform, load_image, normalize
+from dataset.tokenizer import tokenize
+from dataset.transforms import load_image
 from engine import dist
 from engine.checkpoint import load_checkpoint_file
-from models import create_model, load_checkpoint, read_state_dict
-from models.gradcam import GRADCAM_MODES, caption_gradcam, compute_gradcam, vqa_gradcam
+from models.gradcam import GRADCAM_MODES, caption_gradcam, vqa_gradcam
+from models.inference import Predictor
 
 log = logging.getLogger("alignfuse")
 
@@ -64,45 +63,28 @@ class Explanation:
     score: float | None = None  # caption: mean token log-probability; vqa: the answer's log-likelihood
 
 
-@dataclass
-class Predictor:
-    """A model ready for Grad-CAM, its tokenizer and the preprocessing numbers of its config."""
-
-    model: nn.Module
-    tokenizer: Any
-    image_res: int
-    max_words: int
-    max_tokens: int
-    device: torch.device
-
-    def explain(self, image_rgb: np.ndarray, text: str, mode: str = "itm", block_num: int | None = None,
-                vit_block: int = -1) -> Explanation:
-        """Heat maps of ``text`` on ``image_rgb`` (H, W, 3) uint8 RGB (resized to image_res as in evaluation)."""
-        if mode not in GRADCAM_MODES:
-            raise ValueError(f"mode must be one of {GRADCAM_MODES}, got {mode!r}")
-        pixels = build_transform("test", self.image_res)(image_rgb, np.random.default_rng(0))  # uint8 (3, res, res)
-        image = normalize(pixels[None].to(self.device))  # (1, 3, res, res)
-        cleaned = pre_caption(text, self.max_words)
-        ids, mask = tokenize(self.tokenizer, [cleaned], self.max_tokens, padding="longest")
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        maps = compute_gradcam(self.model, image, ids, mask, mode, block_num, vit_block)
-        itm_prob = maps.match_prob
-        if itm_prob is None:
-            with torch.no_grad():
-                fused = self.model.fuse(self.model.encode_text(ids, mask), mask, self.model.encode_image(image))
-                itm_prob = self.model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
-        words, word_maps = [], np.zeros((0, *maps.text_map.shape[1:]), dtype=np.float32)
-        unknown: list[str] = []
-        if maps.token_maps is not None:
-            words, word_maps, unknown = text_words(self.tokenizer, cleaned, ids[0], maps.token_maps[0])
-            if unknown:
-                log.warning("Grad-CAM: word(s) not in the tokenizer's vocabulary: %s (each shown with the map of "
-                            "its [UNK] token)", ", ".join(repr(word) for word in unknown))
-        prob = float(itm_prob[0])
-        return Explanation(text=text, words=words, word_maps=word_maps,
-                           sentence_map=maps.text_map[0].float().cpu().numpy(), itm_prob=prob, mode=mode,
-                           unknown_words=unknown, title=f'ITM match {prob:.2f} ({mode} Grad-CAM): "{text}"',
-                           summary_label="sentence", score=prob)
+def explain_text(predictor: Predictor, image_rgb: np.ndarray, text: str, mode: str = "itm",
+                 block_num: int | None = None, vit_block: int = -1) -> Explanation:
+    """Heat maps of ``text`` on ``image_rgb`` (H, W, 3) uint8 RGB (resized to image_res as in evaluation), from a
+    models.inference.Predictor of any checkpoint with the ITM head."""
+    if mode not in GRADCAM_MODES:
+        raise ValueError(f"mode must be one of {GRADCAM_MODES}, got {mode!r}")
+    maps = predictor.gradcam(image_rgb, text, head=mode, block_num=block_num, vit_block=vit_block)
+    itm_prob = maps.match_prob
+    prob = float(itm_prob[0]) if itm_prob is not None else float(predictor.match([image_rgb], [text])[0])
+    words, word_maps = [], np.zeros((0, *maps.text_map.shape[1:]), dtype=np.float32)
+    unknown: list[str] = []
+    if maps.token_maps is not None:
+        cleaned = pre_caption(text, predictor.max_words)
+        ids, _mask = predictor.tokens([text])
+        words, word_maps, unknown = text_words(predictor.tokenizer, cleaned, ids[0], maps.token_maps[0])
+        if unknown:
+            log.warning("Grad-CAM: word(s) not in the tokenizer's vocabulary: %s (each shown with the map of "
+                        "its [UNK] token)", ", ".join(repr(word) for word in unknown))
+    return Explanation(text=text, words=words, word_maps=word_maps,
+                       sentence_map=maps.text_map[0].float().cpu().numpy(), itm_prob=prob, mode=mode,
+                       unknown_words=unknown, title=f'ITM match {prob:.2f} ({mode} Grad-CAM): "{text}"',
+                       summary_label="sentence", score=prob)
 
 
 def text_words(tokenizer: Any, text: str, input_ids: Tensor, token_maps: Tensor
@@ -139,45 +121,19 @@ def text_words(tokenizer: Any, text: str, input_ids: Tensor, token_maps: Tensor
     return words, np.stack(maps) if maps else np.zeros((0, height, width), dtype=np.float32), unknown
 
 
-def model_config(checkpoint: dict[str, Any], config_path: str | Path | None) -> dict[str, Any]:
-    """The config of a checkpoint (its ``model:`` block, data.max_words / max_tokens): from ``config_path`` (a task
-    YAML, its ``base:`` files included) when given, else the config our checkpoints carry (official files have none)."""
-    if config_path:
-        merged = read_config_file(config_path)
-    elif isinstance(checkpoint.get("config"), dict):
-        merged = checkpoint["config"]
-    else:
-        raise ValueError("the checkpoint carries no config (an official ALBEF file?): give --config, e.g. "
-                         "configs/Grounding.yaml")
-    if not isinstance(merged.get("model"), dict):
-        raise ValueError(f"config {config_path or '(from the checkpoint)'} has no 'model:' block")
-    return merged
-
-
 def load_predictor(checkpoint_path: str | Path, config_path: str | Path | None = None, tokenizer: str | None = None,
                    device: str | torch.device = "cpu") -> Predictor:
-    """The grounding (ITC + ITM) model with weights from ``checkpoint_path``: an AlignFuse checkpoint of any ALBEF
-    task that has the ITM head (pretraining, retrieval, grounding) or ALBEF's ALBEF.pth / refcoco.pth / mscoco.pth."""
-    checkpoint_path = Path(checkpoint_path)
+    """A models.inference.Predictor of the grounding (ITC + ITM) model with weights from ``checkpoint_path``: an
+    AlignFuse checkpoint of any ALBEF task that has the ITM head (pretraining, retrieval, grounding), or ALBEF's
+    ALBEF.pth / refcoco.pth / mscoco.pth with ``config_path`` (the model config they were trained with)."""
     device = torch.device(device)
     if device.type == "cuda":  # before the minutes of loading, and instead of torch's driver error
         dist.check_cuda(f"--device {device}", device.index)
     raw = load_checkpoint_file(checkpoint_path)  # weights_only, with our message for a refused file
-    config = model_config(raw, config_path)
-    model_cfg = dict(config["model"])
-    tokenizer_obj = build_tokenizer(tokenizer or model_cfg.get("tokenizer", "bert-base-uncased"))
-    model_cfg["text_encoder"] = ""  # the checkpoint holds the text encoder: nothing to download
-    model_cfg["vit"] = {**dict(model_cfg.get("vit", {})), "pretrained": ""}
-    model = create_model("grounding", model_cfg, tokenizer=tokenizer_obj)
-    missing, _unused = load_checkpoint(model, read_state_dict(raw))
-    needed = [key for key in missing if not key.endswith("_queue") and "_m." not in key and key != "queue_ptr"]
-    if needed:
-        raise ValueError(f"{checkpoint_path}: weights missing for {len(needed)} parameters the Grad-CAM needs "
-                         f"(e.g. {needed[:5]}); is it an ALBEF-family checkpoint with an ITM head?")
-    data = config.get("data", {})
-    return Predictor(model=model.to(device).eval(), tokenizer=tokenizer_obj, image_res=int(model.cfg["image_res"]),
-                     max_words=int(data.get("max_words", 30)), max_tokens=int(data.get("max_tokens", 30)),
-                     device=device)
+    if not config_path and not isinstance(raw.get("config"), dict):
+        raise ValueError(f"{checkpoint_path}: the checkpoint carries no config (an official ALBEF file?): give "
+                         "--config, e.g. configs/Grounding.yaml")
+    return Predictor.from_checkpoint(raw, task="grounding", config=config_path, tokenizer=tokenizer, device=device)
 
 
 def overlay(image_rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
@@ -297,20 +253,11 @@ def write_explanation(image: str | Path | np.ndarray, explanation: Explanation, 
 def explain_image(predictor: Predictor, image_path: str | Path, text: str, out_png: str | Path, mode: str = "itm",
                   block_num: int | None = None, save_npy: bool = False) -> tuple[Path, Explanation]:
     """Load an image, explain ``text`` on it and write the PNG (and maps); returns (png path, explanation)."""
-    explanation = predictor.explain(load_image(image_path), text, mode, block_num)
+    explanation = explain_text(predictor, load_image(image_path), text, mode, block_num)
     return write_explanation(image_path, explanation, out_png, save_npy), explanation
 
 
 # ---- captioning and VQA heads (a models.inference.Predictor of a caption / VQA checkpoint) -------------------------
-def itm_predictor(loaded: Any) -> Predictor:
-    """This module's ITM Predictor on the model of a models.inference.Predictor (any checkpoint with the ITM head)."""
-    if not hasattr(loaded.model, "itm_head"):
-        raise ValueError(f"ITM Grad-CAM needs a checkpoint with the ITM head (pretraining, retrieval, grounding); the "
-                         f"loaded model is {type(loaded.model).__name__}")
-    return Predictor(model=loaded.model, tokenizer=loaded.tokenizer, image_res=loaded.transform.image_res,
-                     max_words=loaded.max_words, max_tokens=loaded.max_tokens, device=loaded.device)
-
-
 def decoded_words(tokenizer: Any, token_ids: list[int], token_maps: np.ndarray) -> tuple[list[str], np.ndarray]:
     """Generated word pieces -> words and their maps: a WordPiece continuation ('##x') joins the word before it (the
     word's map is the mean of its pieces' maps); special tokens are dropped. token_maps (T, h, w)."""

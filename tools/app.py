@@ -29,7 +29,7 @@ import torch
 from models.inference import Predictor, to_rgb_array
 from models.model_caption import AlbefCaption
 from models.model_vqa import AlbefVQA
-from tasks.gradcam_view import Explanation, explain_answer, explain_caption, itm_predictor, render
+from tasks.gradcam_view import Explanation, explain_answer, explain_caption, explain_text, render
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class DemoApp:
         if not text or not text.strip():
             raise ValueError("type a text to match with the image")
         rgb = self._image(image)
-        explanation = itm_predictor(predictor).explain(rgb, text, "itm")
+        explanation = explain_text(predictor, rgb, text, "itm")
         similarity = float(predictor.similarity([rgb], [text])[0, 0]) * float(predictor.model.temp.detach())
         return MatchResult(itm=explanation.itm_prob, similarity=similarity, explanation=explanation,
                            sheet=render(rgb, explanation))
