@@ -1,6 +1,7 @@
 """Caption.py's ``model.arch: show_attend_tell`` family: a ResNet grid encoder and an LSTM decoder with soft attention
 (models/show_attend_tell.py), trained and evaluated by the one engine with the data files, metrics, result files and
-generation knobs of the ALBEF/BLIP-style captioner (Caption.py's CaptionTask, which this task extends).
+generation knobs of the ALBEF/BLIP-style captioner (tasks/caption_decoder.py's CaptionTask, which this
+task extends).
 
     python Caption.py --config configs/Caption_lstm_coco.yaml --output_dir output/caption_lstm
     python Caption.py --config configs/Caption_lstm_coco.yaml --checkpoint output/caption_lstm/checkpoint_best.pth \
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from Caption import CaptionTask
 from dataset.annotations import load_json_annotations
 from dataset.text import pre_caption
 from dataset.transforms import build_transform, normalize
@@ -42,6 +42,7 @@ from engine.task import next_result_number, output_path
 from models.generation import GENERATION_DEFAULTS, GenerationSettings
 from models.show_attend_tell import SatCfg, ShowAttendTell, WordMap, caption_losses
 from tasks.base import unwrap
+from tasks.caption_decoder import CaptionTask
 from tasks.captioning import prompt_ids
 from tasks.gradcam_view import overlay
 

@@ -41,8 +41,9 @@ def test_models_and_datasets_do_not_import_the_engine():
 
 
 def test_common_is_a_leaf():
-    loaded = modules_loaded_by("import common.dist, common.checkpoint_file")
-    assert project_modules(loaded, PROJECT) == ["common", "common.checkpoint_file", "common.dist"]
+    loaded = modules_loaded_by("import common.dist, common.checkpoint_file, common.config_file")
+    assert project_modules(loaded, PROJECT) == ["common", "common.checkpoint_file", "common.config_file",
+                                                "common.dist"]
 
 
 def test_engine_helpers_do_not_load_the_trainer():
