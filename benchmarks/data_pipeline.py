@@ -42,6 +42,7 @@ from PIL import Image, ImageEnhance, ImageOps
 # The repository first: run as a script, this folder leads sys.path and its common.py would hide the common package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import child_pids  # noqa: E402
 from dataset.randaugment import ALBEF_OPS, TRANSLATE_PIXELS  # noqa: E402
 from dataset.transforms import build_transform, load_image, random_resized_crop_box  # noqa: E402
 
@@ -204,19 +205,6 @@ def _rss_kib(pid: int, field: str = "VmHWM") -> int:
     return 0
 
 
-def _loader_workers(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def shard_loader_rss(folder: Path, num_shards: int, workers: int, per_shard: int = 20, image_res: int = 64) -> dict:
     """Peak RSS (MiB) of a shard loader's main process and largest worker over one pass of ``num_shards`` shards of
     ``per_shard`` small images (hard links of one shard under new names: the same bytes, counted as new samples)."""
@@ -242,7 +230,7 @@ def shard_loader_rss(folder: Path, num_shards: int, workers: int, per_shard: int
     seen, worker_peak = 0, 0
     for size in loader:
         seen += size
-        worker_peak = max([worker_peak] + [_rss_kib(pid) for pid in _loader_workers(os.getpid())])
+        worker_peak = max([worker_peak] + [_rss_kib(pid) for pid in child_pids(os.getpid())])
     shutdown_workers(loader)
     return {"shards": num_shards, "samples": seen, "main_peak_rss_mib": round(_rss_kib(os.getpid()) / 1024, 1),
             "worker_peak_rss_mib": round(worker_peak / 1024, 1)}

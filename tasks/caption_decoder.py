@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dataset.datasets import CaptionEvalDataset, CaptionTrainDataset
+from dataset.datasets import CaptionTrainDataset
 from engine import dist
 from metrics.caption import ConstantCaption
 from models.generation import GENERATION_DEFAULTS, GenerationSettings
@@ -68,19 +68,6 @@ class CaptionTask(CaptionScoring, AlbefTask):
         batch = self.to_device(batch)
         return model(batch["image"], batch["text_ids"], batch["text_mask"], prompt_length=self.prompt_length,
                      label_smoothing=float(self.config.caption.label_smoothing))
-
-    def eval_splits(self) -> list[str]:
-        data = self.config.data
-        if data.image_folder:
-            return ["folder"]
-        return [split for split in ("val", "test") if data[f"{split}_file"]]
-
-    def build_eval_dataset(self, split: str, **options: Any) -> CaptionEvalDataset | None:
-        data = self.config.data
-        if split == "folder":
-            return None  # data.image_folder: captions of the images in a folder, no annotation file
-        return CaptionEvalDataset(data[f"{split}_file"], self.transform("test"), self.image_root(),
-                                  max_words=int(data.max_words), **options)
 
     def evaluate(self, model, split: str) -> dict[str, float]:
         if split == "folder":

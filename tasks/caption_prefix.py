@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dataset.annotations import load_json_annotations
-from dataset.datasets import CaptionEvalDataset, ImageTextCollator
+from dataset.datasets import ImageTextCollator
 from dataset.prefix_text import (
     EntityMatcher,
     PrefixCollator,
@@ -273,19 +273,6 @@ class PrefixCaptionTask(CaptionScoring, AlbefTask):
         return model(batch["feature"], batch["token_ids"], batch["attention_mask"], batch["labels"])
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
-    def eval_splits(self) -> list[str]:
-        data = self.config.data
-        if data.image_folder:
-            return ["folder"]
-        return [split for split in ("val", "test") if data[f"{split}_file"]]
-
-    def build_eval_dataset(self, split: str, **options: Any) -> CaptionEvalDataset | None:
-        data = self.config.data
-        if split == "folder":
-            return None
-        return CaptionEvalDataset(data[f"{split}_file"], self.transform("test"), self.image_root(),
-                                  max_words=int(data.max_words), **options)
-
     def image_entities(self, image_feat: torch.Tensor) -> list[list[str]]:
         """Zero-shot entities of images (B, D): prefix.entity_prompt around every entity of the vocabulary."""
         prefix = self.config.prefix

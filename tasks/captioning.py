@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dataset.annotations import load_json_annotations
-from dataset.datasets import ImageTextCollator
+from dataset.datasets import CaptionEvalDataset, ImageTextCollator
 from dataset.tokenizer import tokenize
 from dataset.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, load_image, normalize
 from engine import dist
@@ -124,11 +124,24 @@ def caption_loader(loader: DataLoader, caption_batch: Callable[[dict[str, Any]],
 
 class CaptionScoring:
     """What every captioner family (Caption.py's model.arch) does with its captions: the result file, COCO metrics,
-    ``score`` and the best constant caption (eval.* keys of Caption.py's schema). Mixed into a Task that has
-    ``config``, ``write_result`` and a ``constant_captions`` dict."""
+    ``score`` and the best constant caption (eval.* keys of Caption.py's schema), and the evaluation splits they share.
+    Mixed into an AlbefTask (before it) that has a ``constant_captions`` dict."""
 
     config: Any
     constant_captions: dict[str, ConstantCaption]
+
+    def eval_splits(self) -> list[str]:
+        data = self.config.data
+        if data.image_folder:
+            return ["folder"]
+        return [split for split in ("val", "test") if data[f"{split}_file"]]
+
+    def build_eval_dataset(self, split: str, **options: Any) -> CaptionEvalDataset | None:
+        data = self.config.data
+        if split == "folder":
+            return None  # data.image_folder: captions of the images in a folder, no annotation file
+        return CaptionEvalDataset(data[f"{split}_file"], self.transform("test"), self.image_root(),
+                                  max_words=int(data.max_words), **options)
 
     def score_split(self, split: str, dataset: Any, results: list[dict[str, Any]]) -> dict[str, float]:
         """On the main rank: write ``caption_<split>_eval<N>.json``, score ``results`` against data.<split>_gt_file

@@ -24,16 +24,10 @@ from metrics.retrieval import recall_at_k
 from models import Predictor, create_model, load_model_and_transforms
 from models.inference import ImagePreprocess, checkpoint_config, infer_task, load_for_inference
 from tasks.retrieval_eval import encode_texts
+from tests.test_predict import TINY_MODEL
 from tools.export import export
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = {
-    "bert_config": "configs/config_bert.json", "text_encoder": "",
-    "bert_overrides": {"hidden_size": 32, "num_hidden_layers": 4, "fusion_layer": 2, "num_attention_heads": 2,
-                       "intermediate_size": 64, "encoder_width": 32, "max_position_embeddings": 64},
-    "vit": {"patch_size": 8, "width": 32, "depth": 2, "heads": 2, "pretrained": ""},
-    "image_res": 48, "embed_dim": 16, "queue_size": 32,
-}
 
 
 def tiny_checkpoint(folder: Path, vocab: Path, task: str, name: str, with_config: bool = True) -> Path:

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from benchmarks.common import child_pids
 from dataset.loader import create_loader, shutdown_workers
 from engine import checkpoint as ckpt
 from tests.test_engine_dist import free_port
@@ -60,17 +61,7 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> tuple[int, str]:
     return proc.returncode, stdout + stderr
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+children = child_pids  # the processes whose parent is pid
 
 
 def job_processes(root: int) -> list[int]:

@@ -81,15 +81,21 @@ def folder_images(folder: Path) -> list[ImageItem]:
     return [ImageItem(path.relative_to(folder).as_posix(), path) for path in files]
 
 
-def json_images(path: Path, image_root: str | None) -> list[ImageItem]:
-    """The images a JSON file names: a list of paths, or ALBEF annotations ``[{"image": path, ...}]`` (each image
-    once, in order of first appearance); relative paths under ``image_root`` (default: the JSON's folder)."""
+def read_json_list(path: Path, flag: str, what: str) -> list[Any]:
+    """The non-empty JSON list in ``path`` (given as ``flag``), or a ValueError saying it should hold ``what``."""
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"--images {path}: not valid JSON ({err})") from None
+        raise ValueError(f"{flag} {path}: not valid JSON ({err})") from None
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"--images {path}: expected a non-empty JSON list of image paths or of {{\"image\": ...}}")
+        raise ValueError(f"{flag} {path}: expected a non-empty JSON list of {what}")
+    return entries
+
+
+def json_images(path: Path, image_root: str | None) -> list[ImageItem]:
+    """The images a JSON file names: a list of paths, or ALBEF annotations ``[{"image": path, ...}]`` (each image
+    once, in order of first appearance); relative paths under ``image_root`` (default: the JSON's folder)."""
+    entries = read_json_list(path, "--images", "image paths or of {\"image\": ...}")
     root = Path(image_root) if image_root else path.parent
     items: dict[str, ImageItem] = {}
     for index, entry in enumerate(entries):

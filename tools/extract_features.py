@@ -42,6 +42,7 @@ from tools.common import (
     encode_images,
     load_predictor,
     publish,
+    read_json_list,
     report_skipped,
     run_command,
     write_json,
@@ -58,12 +59,7 @@ def load_texts(path: str | Path) -> tuple[list[str], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--texts {path} does not exist")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"--texts {path}: not valid JSON ({err})") from None
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"--texts {path}: expected a non-empty JSON list of strings or of {{\"text\": ...}}")
+    entries = read_json_list(path, "--texts", "strings or of {\"text\": ...}")
     ids: list[str] = []
     texts: list[str] = []
     for index, entry in enumerate(entries):
